@@ -1,0 +1,215 @@
+"""Blockwise absmax NormalFloat quantization with double-quantized scales.
+
+The flattened matrix is cut into blocks of B0 values (the last one zero-padded);
+each block is divided by its absmax and every value is mapped to the nearest NF
+level (QLoRA §3). The block absmaxes are then quantized themselves ("double
+quantization", QLoRA §3):
+
+* b0 = 8: bitsandbytes' scheme. Subtract the mean absmax, split into blocks of B1,
+  divide each block by its absmax and round to the signed 8-bit dynamic map. With
+  NF4/B0=64/B1=256/fp32 this is bit for bit `bitsandbytes.functional.quantize_4bit(
+  compress_statistics=True, quant_type="nf4")`.
+* b0 < 8: LQ-LoRA's reference scheme. Subtract the minimum absmax, split into blocks
+  of B1 and round (absmax - min) / blockmax to b0-bit unsigned uniform levels, which
+  spends every level on the non-negative range that the shifted scales occupy.
+
+In both cases the per-block second-level scale is kept in `scale_dtype` and the
+offset (mean or minimum) in fp32. Codes are chosen against the exact fp32 block
+absmax, as bitsandbytes does; the dequantized scale is what the forward uses.
+
+Everything is torch ops (CPU or CUDA) working through the matrix in chunks of
+blocks, so a 28672×8192 matrix never needs more than a chunk of fp32 temporaries
+beside its input and output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from qpeft.errors import QpeftError
+from qpeft.quant.codebooks import dynamic_codebook, nearest_level, nf_codebook, uniform_codebook
+from qpeft.quant.config import QuantConfig, storage_layout
+from qpeft.quant.packing import decode_lut, pack_codes, packed_numel, unpack_codes
+
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+# Elements per chunk of work: 8 Mi values is 32 MiB of fp32 temporaries.
+DEFAULT_CHUNK = 1 << 23
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed storage of one quantized matrix.
+
+    codes:        uint8, the b-bit codes of `padded_numel` values, packed.
+    scales:       double quant: uint8 packed b0-bit scale codes (padded to B1);
+                  otherwise the block absmaxes in `scale_dtype`.
+    scale_scales: double quant only: second-level scales (`scale_dtype`).
+    scale_offset: double quant only: fp32 offset added back to the scales, shape [1].
+    """
+
+    config: QuantConfig
+    shape: tuple[int, ...]
+    codes: torch.Tensor
+    scales: torch.Tensor
+    scale_scales: torch.Tensor | None = None
+    scale_offset: torch.Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by suffix (for checkpoints)."""
+        out = {"codes": self.codes, "scales": self.scales}
+        if self.config.double_quant:
+            out["scale_scales"] = self.scale_scales
+            out["scale_offset"] = self.scale_offset
+        return out
+
+    @classmethod
+    def from_tensors(
+        cls, config: QuantConfig, shape: tuple[int, ...], tensors: dict[str, torch.Tensor]
+    ) -> QuantizedTensor:
+        """Rebuild from `tensors()` output, checking every part's dtype and size."""
+        parts = (tensors["codes"], tensors["scales"], tensors.get("scale_scales"), tensors.get("scale_offset"))
+        qt = cls(config, tuple(shape), *parts)
+        qt.validate()
+        return qt
+
+    def validate(self) -> None:
+        """Check that every stored tensor has the size the config and shape imply."""
+        layout = storage_layout(self.config, self.numel)
+        expected = {"codes": (torch.uint8, packed_numel(layout.padded_numel, self.config.bits))}
+        if self.config.double_quant:
+            expected["scales"] = (torch.uint8, packed_numel(layout.padded_num_blocks, self.config.scale_bits))
+            expected["scale_scales"] = (TORCH_DTYPES[self.config.scale_dtype], layout.num_scale_blocks)
+            expected["scale_offset"] = (torch.float32, 1)
+        else:
+            expected["scales"] = (TORCH_DTYPES[self.config.scale_dtype], layout.num_blocks)
+        stored = self.tensors()
+        for key, (dtype, numel) in expected.items():
+            tensor = stored.get(key)
+            if tensor is None or tensor.dtype != dtype or tensor.numel() != numel:
+                got = "missing" if tensor is None else f"{tensor.dtype} with {tensor.numel()} values"
+                raise QpeftError(f"quantized tensor part {key!r} should be {dtype} with {numel} values, got {got}")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        return QuantizedTensor.from_tensors(
+            self.config, self.shape, {k: v.to(device) for k, v in self.tensors().items()}
+        )
+
+
+def _chunks(num_blocks: int, block_size: int, chunk: int) -> Iterator[tuple[int, int]]:
+    step = max(1, chunk // block_size)
+    for start in range(0, num_blocks, step):
+        yield start, min(num_blocks, start + step)
+
+
+def _block_view(flat: torch.Tensor, start_block: int, end_block: int, block_size: int, numel: int) -> torch.Tensor:
+    """Blocks [start, end) of the flattened input as fp32 (start, B0), zero-padded."""
+    lo, hi = start_block * block_size, end_block * block_size
+    piece = flat[lo : min(hi, numel)].to(torch.float32)
+    if hi > numel:
+        piece = torch.nn.functional.pad(piece, (0, hi - numel))
+    return piece.reshape(-1, block_size)
+
+
+def quantize(weight: torch.Tensor, config: QuantConfig, chunk: int = DEFAULT_CHUNK) -> QuantizedTensor:
+    """Quantize `weight` (any float dtype, CPU or CUDA) under `config`."""
+    if not weight.is_floating_point():
+        raise QpeftError(f"can only quantize floating-point tensors, got {weight.dtype}")
+    flat = weight.detach().reshape(-1)
+    layout = storage_layout(config, flat.numel())
+    device = weight.device
+    codebook = nf_codebook(config.bits, device)
+    midpoints = (codebook[:-1] + codebook[1:]) / 2
+    absmax = torch.empty(layout.num_blocks, dtype=torch.float32, device=device)
+    codes = torch.empty(packed_numel(layout.padded_numel, config.bits), dtype=torch.uint8, device=device)
+    per_byte = layout.padded_numel // codes.numel() if config.bits != 3 else None
+    for start, end in _chunks(layout.num_blocks, config.block_size, chunk):
+        blocks = _block_view(flat, start, end, config.block_size, layout.numel)
+        block_absmax = blocks.abs().amax(dim=1)
+        if not torch.isfinite(block_absmax).all():
+            raise QpeftError("tensor contains NaN or Inf values")
+        absmax[start:end] = block_absmax
+        # x * (1/absmax), clamped: the exact arithmetic of bitsandbytes' quantizer.
+        scaled = torch.clamp(blocks * (1.0 / block_absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
+        chunk_codes = torch.bucketize(scaled.reshape(-1), midpoints, out_int32=True)
+        lo, hi = start * config.block_size, end * config.block_size
+        if per_byte is not None:
+            codes[lo // per_byte : hi // per_byte] = pack_codes(chunk_codes, config.bits)
+        else:  # 3-bit: 8 codes per 3 bytes, and every block is a multiple of 8 codes
+            codes[lo * 3 // 8 : hi * 3 // 8] = pack_codes(chunk_codes, config.bits)
+    if not config.double_quant:
+        return QuantizedTensor(config, tuple(weight.shape), codes, absmax.to(TORCH_DTYPES[config.scale_dtype]))
+    scale_codes, scale_scales, offset = _quantize_scales(absmax, config, layout.padded_num_blocks)
+    return QuantizedTensor(config, tuple(weight.shape), codes, scale_codes, scale_scales, offset)
+
+
+def _scale_codebook(config: QuantConfig, device: torch.device) -> torch.Tensor:
+    if config.scale_bits == 8:
+        return dynamic_codebook(device)
+    return uniform_codebook(config.scale_bits, device)
+
+
+def _quantize_scales(
+    absmax: torch.Tensor, config: QuantConfig, padded: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    signed = config.scale_bits == 8
+    offset = absmax.mean() if signed else absmax.min()
+    centred = torch.nn.functional.pad(absmax - offset, (0, padded - absmax.numel()))
+    blocks = centred.reshape(-1, config.scale_block_size)
+    block_max = blocks.abs().amax(dim=1)
+    # Round the second-level scale to its storage dtype first, so that the codes are
+    # chosen against the value the dequantizer will use (a no-op for fp32).
+    block_max = block_max.to(TORCH_DTYPES[config.scale_dtype])
+    normed = blocks * (1.0 / block_max.float().clamp(min=1e-38)).unsqueeze(1)
+    normed = torch.clamp(normed, -1 if signed else 0, 1).reshape(-1)
+    codes = nearest_level(normed, _scale_codebook(config, absmax.device))
+    return pack_codes(codes, config.scale_bits), block_max, offset.reshape(1).to(torch.float32)
+
+
+def dequantize_scales(qt: QuantizedTensor) -> torch.Tensor:
+    """The fp32 block scales that the dequantizer multiplies by (one per block)."""
+    config = qt.config
+    layout = storage_layout(config, qt.numel)
+    if not config.double_quant:
+        return qt.scales.to(torch.float32)
+    codes = unpack_codes(qt.scales, config.scale_bits)[: layout.num_blocks].to(torch.int64)
+    values = _scale_codebook(config, qt.scales.device)[codes]
+    second = qt.scale_scales.to(torch.float32).repeat_interleave(config.scale_block_size)[: layout.num_blocks]
+    return values * second + qt.scale_offset
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Dequantize to a tensor of `qt.shape` in `dtype` (computed in fp32, then cast)."""
+    config = qt.config
+    layout = storage_layout(config, qt.numel)
+    device = qt.codes.device
+    scales = dequantize_scales(qt)
+    codebook = nf_codebook(config.bits, device)
+    lut = decode_lut(codebook, config.bits)
+    out = torch.empty(layout.numel, dtype=dtype, device=device)
+    group_codes, group_bytes = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}[config.bits]
+    for start, end in _chunks(layout.num_blocks, config.block_size, chunk):
+        lo, hi = start * config.block_size, end * config.block_size
+        packed = qt.codes[lo // group_codes * group_bytes : hi // group_codes * group_bytes]
+        if lut is not None:
+            values = lut[packed.to(torch.int64)].reshape(-1, config.block_size)
+        else:
+            values = codebook[unpack_codes(packed, config.bits).to(torch.int64)].reshape(-1, config.block_size)
+        block = (values * scales[start:end].unsqueeze(1)).reshape(-1)
+        stop = min(hi, layout.numel)
+        out[lo:stop] = block[: stop - lo]
+    return out.reshape(qt.shape)
