@@ -1,0 +1,1 @@
+"""Evaluation: GPTQ-style perplexity."""

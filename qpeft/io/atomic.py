@@ -1,0 +1,31 @@
+"""Atomic directory writes: build in a sibling temp dir, rename into place at the end.
+
+A crash (or Ctrl-C) leaves at most a ``NAME.partial-*`` directory, never a
+directory at NAME that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from qpeft.errors import QpeftError
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    target = Path(target)
+    if target.exists():
+        raise QpeftError(f"output directory already exists: {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,93 @@
+"""The qpeft checkpoint: safetensors shards + config/tokenizer + a JSON manifest.
+
+Layout of a checkpoint directory:
+
+    config.json, tokenizer files     copied from the base model
+    model-00001.safetensors, ...     every tensor of the model; a quantized linear
+                                     layer NAME is stored as NAME.codes, NAME.scales
+                                     (+ NAME.scale_scales, NAME.scale_offset)
+    qpeft_manifest.json              format version, per-matrix config and bits,
+                                     tensor → shard map, provenance
+
+Tensors are written shard by shard as they are produced and read back shard by
+shard, so neither side holds more than one shard beyond the model itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qpeft.errors import QpeftError
+
+MANIFEST_NAME = "qpeft_manifest.json"
+FORMAT_NAME = "qpeft"
+SCHEMA_VERSION = 1
+DEFAULT_SHARD_BYTES = 2 << 30
+
+
+class ShardWriter:
+    """Accumulates tensors and writes a safetensors shard whenever it is full."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        self.directory, self.max_shard_bytes = Path(directory), max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.weight_map: dict[str, str] = {}
+        self.shards = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self.weight_map or key in self.pending:
+            raise ValueError(f"tensor {key} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+        self.pending[key] = tensor.detach().contiguous().cpu()
+        self.pending_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        self.shards += 1
+        name = f"model-{self.shards:05d}.safetensors"
+        save_file(self.pending, str(self.directory / name), metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(self.pending, name))
+        self.pending, self.pending_bytes = {}, 0
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    body = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, **manifest}
+    (Path(directory) / MANIFEST_NAME).write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    file = Path(path) / MANIFEST_NAME
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QpeftError(f"cannot read {file}: {exc}") from exc
+    if manifest.get("format") != FORMAT_NAME:
+        raise QpeftError(f"{file} is not a qpeft manifest")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        version = manifest.get("schema_version")
+        raise QpeftError(f"{file}: schema version {version} is not supported (this qpeft reads {SCHEMA_VERSION})")
+    return manifest
+
+
+def iter_shards(path: Path, manifest: dict[str, Any], device: str = "cpu"):
+    """Yield (shard name, {key: tensor}) one shard at a time."""
+    for shard in sorted(set(manifest["weight_map"].values())):
+        file = Path(path) / shard
+        if not file.is_file():
+            raise QpeftError(f"checkpoint {path} is missing {shard}")
+        with safe_open(str(file), framework="pt", device=device) as handle:
+            yield shard, {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118

@@ -1,0 +1,1 @@
+"""Model resolution, layer selection and loading."""

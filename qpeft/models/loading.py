@@ -1,0 +1,77 @@
+"""Building and loading models: empty skeletons, plain HF models, qpeft checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+
+from qpeft.errors import QpeftError
+from qpeft.io.checkpoint import is_checkpoint, iter_shards, read_manifest
+from qpeft.models.resolve import resolve_model
+from qpeft.modules import QuantLinear
+from qpeft.quant import parse_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_skeleton(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model's module tree with parameters on the meta device (no memory);
+    buffers such as rotary frequencies are real."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def load_model(spec: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[nn.Module, Path]:
+    """Load MODEL (name, directory, .gguf) or a qpeft checkpoint for inference.
+    Returns the model in eval mode and the directory holding its tokenizer."""
+    if spec is not None and is_checkpoint(Path(spec)):
+        return load_checkpoint(Path(spec), dtype, device), Path(spec)
+    from transformers import AutoModelForCausalLM
+
+    model_dir = resolve_model(spec)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device).eval(), model_dir
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """Rebuild a quantized model from a qpeft checkpoint, one shard at a time."""
+    manifest = read_manifest(path)
+    model = build_skeleton(path, dtype)
+    quantized: dict[str, Any] = manifest["quantized"]
+    for name, entry in quantized.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise QpeftError(f"checkpoint {path}: {name} is not a linear layer of this model")
+        module = QuantLinear(
+            linear.in_features,
+            linear.out_features,
+            parse_config(entry["config"]),
+            linear.bias is not None,
+            "meta",
+            dtype,
+        )
+        model.set_submodule(name, module)
+    quantized_parts = {
+        f"{name}.{part}" for name in quantized for part in ("codes", "scales", "scale_scales", "scale_offset")
+    }
+    for shard, tensors in iter_shards(path, manifest, device):
+        for key, tensor in tensors.items():
+            if key not in quantized_parts and tensor.is_floating_point():
+                tensors[key] = tensor.to(dtype)
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+        if result.unexpected_keys:
+            raise QpeftError(
+                f"checkpoint {path}: {shard} holds tensors this model does not have: {result.unexpected_keys[:3]}"
+            )
+    model.tie_weights()
+    missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise QpeftError(f"checkpoint {path} is missing tensors: {missing[:3]}")
+    return model.to(device).eval()

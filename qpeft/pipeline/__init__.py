@@ -1,0 +1,1 @@
+"""Pipeline stages that turn a base model into a qpeft checkpoint."""

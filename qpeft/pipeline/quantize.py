@@ -1,0 +1,95 @@
+"""Uniform quantization of a model's selected linear layers (the QLoRA base).
+
+Streams the source safetensors tensor by tensor: a selected weight is quantized
+(on `device`) and written as its packed parts, everything else is copied. Memory
+stays at one matrix plus one output shard.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import qpeft
+from qpeft.errors import QpeftError
+from qpeft.io.atomic import atomic_directory
+from qpeft.io.checkpoint import ShardWriter, write_manifest
+from qpeft.models.loading import build_skeleton
+from qpeft.models.resolve import copy_model_files
+from qpeft.models.selection import DEFAULT_TARGETS, select_linear
+from qpeft.models.weights import SafetensorsWeights
+from qpeft.quant import QuantConfig, bits_per_param, dequantize, quantize, storage_bits
+
+
+def quantize_model(
+    model_dir: Path,
+    out_dir: Path,
+    config: QuantConfig,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    device: str = "cpu",
+    source: str | None = None,
+) -> dict[str, Any]:
+    """Write a qpeft checkpoint of `model_dir` with every selected matrix under `config`.
+    Returns the manifest."""
+    start = time.perf_counter()
+    weights = SafetensorsWeights(model_dir)
+    selected = {f"{name}.weight": name for name in select_linear(build_skeleton(model_dir), targets)}
+    absent = [key for key in selected if key not in weights.weight_map]
+    if absent:
+        raise QpeftError(f"{model_dir}: selected weights not in the checkpoint: {absent[:3]}")
+    matrices: dict[str, Any] = {}
+    with atomic_directory(out_dir) as tmp:
+        copy_model_files(model_dir, tmp)
+        writer = ShardWriter(tmp)
+        bar = tqdm(total=len(weights.weight_map), desc="quantize", unit="tensor")
+        for key, tensor in weights.items():
+            bar.update()
+            if key not in selected:
+                writer.add(key, tensor)
+                continue
+            name = selected[key]
+            if not torch.isfinite(tensor).all():
+                raise QpeftError(f"{key} contains NaN or Inf values")
+            work = tensor.to(device)
+            qt = quantize(work, config)
+            for part, value in qt.tensors().items():
+                writer.add(f"{name}.{part}", value)
+            error = torch.linalg.norm(dequantize(qt) - work.float()) / torch.linalg.norm(work.float()).clamp(min=1e-30)
+            matrices[name] = {
+                "config": config.name,
+                "shape": list(tensor.shape),
+                "bits": storage_bits(config, tensor.numel()) / tensor.numel(),
+                "rel_error": float(error),
+            }
+        bar.close()
+        writer.flush()
+        numel = sum(m["shape"][0] * m["shape"][1] for m in matrices.values())
+        stored = sum(storage_bits(config, m["shape"][0] * m["shape"][1]) for m in matrices.values())
+        manifest = {
+            "method": "quantize",
+            "base_model": {"path": str(model_dir), "source": source or str(model_dir)},
+            "targets": list(targets),
+            "quantized": matrices,
+            "summary": {
+                "matrices": len(matrices),
+                "params": numel,
+                "nominal_bits": bits_per_param(config),
+                "bits_per_param": stored / numel,
+            },
+            "weight_map": writer.weight_map,
+            "provenance": {
+                "qpeft": qpeft.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "device": device,
+                "seconds": round(time.perf_counter() - start, 2),
+            },
+        }
+        write_manifest(tmp, manifest)  # last: a directory without it is not a checkpoint
+    return manifest
