@@ -28,7 +28,11 @@ def _check_parity(weight):
     assert torch.equal(qt.codes[: packed.numel()], packed.reshape(-1))
     # 2. qpeft's dequantizer on bitsandbytes' state: bit for bit
     assert torch.equal(dequantize(from_bnb(packed, state), dtype=weight.dtype), bnb_deq)
-    # 3. the scale offset and second-level absmax are the same numbers
+    # 3. the same storage: as many scale codes, second-level scales, and code bytes
+    assert qt.scales.numel() == state.absmax.numel()
+    assert qt.scale_scales.numel() == state.state2.absmax.numel()
+    assert qt.codes.numel() == -(-weight.numel() // 64) * 32
+    # the scale offset and second-level absmax are the same numbers
     assert torch.equal(qt.scale_offset, state.offset.reshape(1))
     n = state.absmax.numel()
     ours, theirs = qt.scales[:n].long(), state.absmax.long()

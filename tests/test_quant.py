@@ -185,7 +185,7 @@ def test_validate_names_the_bad_part():
     qt = quantize(torch.randn(64, 64), PRESETS["nf4"])
     parts = qt.tensors()
     parts["scales"] = parts["scales"][:-1]
-    with pytest.raises(QpeftError, match=re.escape("'scales' should be torch.uint8 with 256 values")):
+    with pytest.raises(QpeftError, match=re.escape("'scales' should be torch.uint8 with 64 values")):
         type(qt).from_tensors(qt.config, qt.shape, parts)
 
 

@@ -31,7 +31,7 @@ import torch
 
 from qpeft.errors import QpeftError
 from qpeft.quant.codebooks import dynamic_codebook, nearest_level, nf_codebook, uniform_codebook
-from qpeft.quant.config import QuantConfig, storage_layout
+from qpeft.quant.config import QuantConfig, StorageLayout, storage_layout
 from qpeft.quant.packing import decode_lut, pack_codes, packed_numel, unpack_codes
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -45,7 +45,7 @@ class QuantizedTensor:
     """Packed storage of one quantized matrix.
 
     codes:        uint8, the b-bit codes of `padded_numel` values, packed.
-    scales:       double quant: uint8 packed b0-bit scale codes (padded to B1);
+    scales:       double quant: uint8 packed b0-bit scale codes;
                   otherwise the block absmaxes in `scale_dtype`.
     scale_scales: double quant only: second-level scales (`scale_dtype`).
     scale_offset: double quant only: fp32 offset added back to the scales, shape [1].
@@ -153,7 +153,7 @@ def quantize(weight: torch.Tensor, config: QuantConfig, chunk: int = DEFAULT_CHU
             codes[lo * 3 // 8 : hi * 3 // 8] = pack_codes(chunk_codes, config.bits)
     if not config.double_quant:
         return QuantizedTensor(config, tuple(weight.shape), codes, absmax.to(TORCH_DTYPES[config.scale_dtype]))
-    scale_codes, scale_scales, offset = _quantize_scales(absmax, config, layout.padded_num_blocks)
+    scale_codes, scale_scales, offset = _quantize_scales(absmax, config, layout)
     return QuantizedTensor(config, tuple(weight.shape), codes, scale_codes, scale_scales, offset)
 
 
@@ -164,10 +164,11 @@ def _scale_codebook(config: QuantConfig, device: torch.device) -> torch.Tensor:
 
 
 def _quantize_scales(
-    absmax: torch.Tensor, config: QuantConfig, padded: int
+    absmax: torch.Tensor, config: QuantConfig, layout: StorageLayout
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     signed = config.scale_bits == 8
     offset = absmax.mean() if signed else absmax.min()
+    padded = layout.num_scale_blocks * config.scale_block_size
     centred = torch.nn.functional.pad(absmax - offset, (0, padded - absmax.numel()))
     blocks = centred.reshape(-1, config.scale_block_size)
     block_max = blocks.abs().amax(dim=1)
@@ -176,7 +177,7 @@ def _quantize_scales(
     block_max = block_max.to(TORCH_DTYPES[config.scale_dtype])
     normed = blocks * (1.0 / block_max.float().clamp(min=1e-38)).unsqueeze(1)
     normed = torch.clamp(normed, -1 if signed else 0, 1).reshape(-1)
-    codes = nearest_level(normed, _scale_codebook(config, absmax.device))
+    codes = nearest_level(normed, _scale_codebook(config, absmax.device))[: layout.padded_num_blocks]
     return pack_codes(codes, config.scale_bits), block_max, offset.reshape(1).to(torch.float32)
 
 

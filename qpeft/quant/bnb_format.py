@@ -3,7 +3,8 @@
 bitsandbytes stores NF4 codes exactly as qpeft does (flattened, blocks of 64, high
 nibble first) and its double-quantized absmax as 8-bit dynamic-map codes with a
 fp32 absmax per 256 codes and a fp32 mean offset; qpeft's `nf4` preset stores the
-same parts, with the scale codes zero-padded to a whole 256-block.
+same parts with the same sizes (codes padded to whole blocks when the size does not
+divide by 64).
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ class StorageLayout:
     numel: int  # real elements
     padded_numel: int  # codes stored (multiple of B0)
     num_blocks: int  # first-level scales
-    padded_num_blocks: int  # quantized scales stored (multiple of B1 with double quant)
+    padded_num_blocks: int  # quantized scales stored (whole bytes of packed scale codes)
     num_scale_blocks: int  # second-level scales (0 without double quant)
 
     @property
@@ -144,7 +144,9 @@ def storage_layout(config: QuantConfig, numel: int) -> StorageLayout:
     num_blocks = math.ceil(numel / config.block_size)
     if config.double_quant:
         num_scale_blocks = math.ceil(num_blocks / config.scale_block_size)
-        padded_num_blocks = num_scale_blocks * config.scale_block_size
+        # only whole packing groups are needed (8 codes for 3-bit scales), not whole B1 blocks
+        group = {2: 4, 3: 8, 4: 2, 8: 1}[config.scale_bits]
+        padded_num_blocks = math.ceil(num_blocks / group) * group
     else:
         num_scale_blocks = 0
         padded_num_blocks = num_blocks
