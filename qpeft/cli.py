@@ -79,14 +79,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from qpeft.eval.perplexity import load_eval_text, perplexity, tokenize
-    from qpeft.models.loading import DTYPES, load_model
+    from qpeft.eval.perplexity import count_windows, load_eval_text, perplexity, tokenize
+    from qpeft.models.loading import DTYPES, load_model, locate
 
     _positive("--seqlen", args.seqlen)
     _positive("--max-windows", args.max_windows)
     text = load_eval_text(args.data, args.text_file)
-    model, tokenizer_dir = load_model(args.model, DTYPES[args.dtype], args.device)
-    ids = tokenize(AutoTokenizer.from_pretrained(tokenizer_dir), text)
+    path = locate(args.model)
+    ids = tokenize(AutoTokenizer.from_pretrained(path), text)
+    count_windows(ids.numel(), args.seqlen)  # fail before loading the model
+    model = load_model(path, DTYPES[args.dtype], args.device)
     result = perplexity(model, ids, args.seqlen, args.max_windows, torch.device(args.device))
     row = {
         "model": args.model or "smollm2",

@@ -61,7 +61,8 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     ids = tokenize(AutoTokenizer.from_pretrained(model_dir), load_eval_text("wikitext2"))
     windows = ids.numel() // args.seqlen
-    print(f"WikiText-2 test: {ids.numel()} tokens, {windows} windows of {args.seqlen}; evaluating {args.max_windows or windows}")
+    evaluated = min(windows, args.max_windows or windows)
+    print(f"WikiText-2 test: {ids.numel()} tokens, {windows} windows of {args.seqlen}; evaluating {evaluated}")
     rows: list[dict] = []
     logits: dict[str, torch.Tensor] = {}
 
@@ -95,19 +96,24 @@ def main() -> None:
             manifest = quantize_model(model_dir, out, config, source=args.model)
             seconds = manifest["provenance"]["seconds"]
             bits = manifest["summary"]["bits_per_param"]
-            record(f"qpeft {name}", load_checkpoint(out), bits, quantize_seconds=seconds, params=manifest["summary"]["params"])
+            record(
+                f"qpeft {name}",
+                load_checkpoint(out),
+                bits,
+                quantize_seconds=seconds,
+                params=manifest["summary"]["params"],
+            )
 
     bnb_row = next(r for r in rows if r["method"].startswith("bitsandbytes"))
     reference = logits[bnb_row["method"]]
     print()
-    print(f"| method | bits/param | ppl | ppl / bnb-nf4 | max abs logit diff vs bnb-nf4 (window 0) |")
+    print("| method | bits/param | ppl | ppl / bnb-nf4 | max abs logit diff vs bnb-nf4 (window 0) |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
         diff = (logits[row["method"]] - reference).abs().max().item()
         row["max_logit_diff_vs_bnb"] = diff
-        print(
-            f"| {row['method']} | {row['bits']:.4f} | {row['ppl']:.4f} | {row['ppl'] / bnb_row['ppl']:.4f} | {diff:.4f} |"
-        )
+        ratio = row["ppl"] / bnb_row["ppl"]
+        print(f"| {row['method']} | {row['bits']:.4f} | {row['ppl']:.4f} | {ratio:.4f} | {diff:.4f} |")
     print(
         f"\n{rows[0]['tokens']} predicted tokens ({rows[0]['windows']} windows × {args.seqlen - 1}); "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"

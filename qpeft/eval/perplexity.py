@@ -65,6 +65,14 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
         tokenizer.model_max_length = saved
 
 
+def count_windows(num_tokens: int, seqlen: int, max_windows: int | None = None) -> int:
+    """Number of whole windows evaluated; an error if the text has none."""
+    windows = num_tokens // seqlen
+    if windows == 0:
+        raise QpeftError(f"the text has {num_tokens} tokens, fewer than one window of {seqlen}")
+    return windows if max_windows is None else min(windows, max_windows)
+
+
 @torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
@@ -74,11 +82,7 @@ def perplexity(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> PerplexityResult:
-    windows = token_ids.numel() // seqlen
-    if windows == 0:
-        raise QpeftError(f"the text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
-    if max_windows is not None:
-        windows = min(windows, max_windows)
+    windows = count_windows(token_ids.numel(), seqlen, max_windows)
     start = time.perf_counter()
     total_nll, total_tokens = 0.0, 0
     model.eval()

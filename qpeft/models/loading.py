@@ -28,16 +28,21 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Mo
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def load_model(spec: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[nn.Module, Path]:
-    """Load MODEL (name, directory, .gguf) or a qpeft checkpoint for inference.
-    Returns the model in eval mode and the directory holding its tokenizer."""
+def locate(spec: str | None) -> Path:
+    """The directory behind MODEL_OR_CHECKPOINT: a qpeft checkpoint as it is, anything
+    else resolved to a safetensors model directory (both hold the tokenizer)."""
     if spec is not None and is_checkpoint(Path(spec)):
-        return load_checkpoint(Path(spec), dtype, device), Path(spec)
+        return Path(spec)
+    return resolve_model(spec)
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """Load a located model directory or qpeft checkpoint for inference (eval mode)."""
+    if is_checkpoint(path):
+        return load_checkpoint(path, dtype, device)
     from transformers import AutoModelForCausalLM
 
-    model_dir = resolve_model(spec)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    return model.to(device).eval(), model_dir
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:

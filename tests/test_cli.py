@@ -1,0 +1,72 @@
+"""The command line: results for good input, one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from qpeft.cli import main
+from tests.conftest import make_tiny_llama
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, text):
+    """Exit 2, no traceback, and the message alone on the last line (a progress bar,
+    closed cleanly, may stand before it)."""
+    assert code == 2
+    assert "Traceback" not in err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("qpeft ") and ": error: " in last and text in last, err
+    assert err.count(": error: ") == 1
+
+
+def test_quantize_then_eval(tiny_model_dir, tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    code, stdout, _ = run(capsys, "quantize", tiny_model_dir, "--config", "nf3", "--out", out)
+    assert code == 0 and "14 matrices" in stdout and "3.127 bits/param nominal" in stdout
+    code, stdout, _ = run(capsys, "eval", out, "--text-file", tiny_text_file, "--seqlen", 64, "--json")
+    row = json.loads(stdout.strip().splitlines()[-1])
+    assert code == 0 and row["seqlen"] == 64 and row["tokens"] == row["windows"] * 63
+    assert row["ppl"] == pytest.approx(math.exp(row["nll"]))
+    code, stdout, _ = run(capsys, "eval", out, "--text-file", tiny_text_file, "--seqlen", 64, "--max-windows", 2)
+    assert code == 0 and "ppl" in stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["quantize", "/nonexistent/model", "--out", "{tmp}/o"], "model not found: /nonexistent/model"),
+        (["quantize", "{tiny}", "--config", "nf5", "--out", "{tmp}/o"], "unknown quantization config 'nf5'"),
+        (["quantize", "{tiny}", "--config", "nf4-b48-fp32", "--out", "{tmp}/o"], "block size must be a power of two"),
+        (["quantize", "{tiny}", "--out", "{tmp}"], "output directory already exists"),
+        (["quantize", "{tmp}/bad.gguf", "--out", "{tmp}/o"], "cannot read GGUF file"),
+        (["quantize", "{tmp}", "--out", "{tmp}/o"], "not a model directory"),
+        (["eval", "{tiny}", "--text-file", "{tmp}/missing.txt"], "text file not found"),
+        (["eval", "{tiny}", "--text-file", "{tmp}/bad.gguf"], "is not UTF-8 text"),
+        (["eval", "{tiny}", "--seqlen", "0"], "--seqlen must be a positive integer"),
+        (["eval", "{tiny}", "--text-file", "{tmp}/short.txt"], "fewer than one window of 2048"),
+    ],
+)
+def test_bad_input(tiny_model_dir, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "bad.gguf").write_bytes(b"\x00\xffnot a gguf file" * 10)
+    (tmp_path / "short.txt").write_text("a short text")
+    argv = [a.format(tmp=tmp_path, tiny=tiny_model_dir) for a in args]
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_weight_is_named(tmp_path, capsys):
+    model = make_tiny_llama(tmp_path / "poisoned", poison="model.layers.1.mlp.up_proj.weight")
+    capsys.readouterr()
+    code, _, err = run(capsys, "quantize", model, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "model.layers.1.mlp.up_proj.weight contains NaN or Inf values")
+    assert not (tmp_path / "o").exists()
