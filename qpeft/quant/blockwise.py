@@ -206,11 +206,13 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: i
     for start, end in _chunks(layout.num_blocks, config.block_size, chunk):
         lo, hi = start * config.block_size, end * config.block_size
         packed = qt.codes[lo // group_codes * group_bytes : hi // group_codes * group_bytes]
+        # one gather per byte from a (256, codes-per-byte) table; int32 indices avoid an int64 copy
         if lut is not None:
-            values = lut[packed.to(torch.int64)].reshape(-1, config.block_size)
+            values = lut.index_select(0, packed.to(torch.int32)).reshape(-1, config.block_size)
         else:
-            values = codebook[unpack_codes(packed, config.bits).to(torch.int64)].reshape(-1, config.block_size)
-        block = (values * scales[start:end].unsqueeze(1)).reshape(-1)
+            values = codebook.index_select(0, unpack_codes(packed, config.bits).to(torch.int32))
+            values = values.reshape(-1, config.block_size)
+        block = values.mul_(scales[start:end].unsqueeze(1)).reshape(-1)
         stop = min(hi, layout.numel)
         out[lo:stop] = block[: stop - lo]
     return out.reshape(qt.shape)

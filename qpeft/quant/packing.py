@@ -30,6 +30,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a 1-D integer tensor of codes in [0, 2^bits) into uint8."""
     if bits == 8:
         return codes.to(torch.uint8)
+    if bits in (2, 4):  # whole codes per byte: cheap uint8 shifts
+        columns = codes.to(torch.uint8).reshape(-1, 8 // bits)
+        packed = columns[:, 0] << (8 - bits)
+        for j in range(1, 8 // bits):
+            packed |= columns[:, j] << (8 - bits * (j + 1))
+        return packed
     per_group, nbytes = group_shape(bits)
     groups = codes.to(torch.int32).reshape(-1, per_group)
     shifts = torch.arange(per_group - 1, -1, -1, device=codes.device, dtype=torch.int32) * bits
