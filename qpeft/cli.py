@@ -55,6 +55,17 @@ def _positive(name: str, value: int | None) -> None:
         raise QpeftError(f"{name} must be a positive integer, got {value}")
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise QpeftError(f"unknown device {device!r} (use cpu or cuda)") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise QpeftError(f"--device {device}: CUDA is not available on this machine")
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import DEFAULT_TARGETS
@@ -62,6 +73,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from qpeft.quant import parse_config
 
     config = parse_config(args.config)
+    _check_device(args.device)
     if args.out.exists():
         raise QpeftError(f"output directory already exists: {args.out}")
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else DEFAULT_TARGETS
@@ -84,6 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     _positive("--seqlen", args.seqlen)
     _positive("--max-windows", args.max_windows)
+    _check_device(args.device)
     text = load_eval_text(args.data, args.text_file)
     path = locate(args.model)
     ids = tokenize(AutoTokenizer.from_pretrained(path), text)

@@ -51,6 +51,7 @@ def test_quantize_then_eval(tiny_model_dir, tiny_text_file, tmp_path, capsys):
         (["eval", "{tiny}", "--text-file", "{tmp}/missing.txt"], "text file not found"),
         (["eval", "{tiny}", "--text-file", "{tmp}/bad.gguf"], "is not UTF-8 text"),
         (["eval", "{tiny}", "--seqlen", "0"], "--seqlen must be a positive integer"),
+        (["eval", "{tiny}", "--device", "tpu9"], "unknown device 'tpu9'"),
         (["eval", "{tiny}", "--text-file", "{tmp}/short.txt"], "fewer than one window of 2048"),
     ],
 )
@@ -62,6 +63,12 @@ def test_bad_input(tiny_model_dir, tmp_path, capsys, monkeypatch, args, message)
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda(tiny_model_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--device", "cuda", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "--device cuda: CUDA is not available on this machine")
 
 
 def test_nan_weight_is_named(tmp_path, capsys):
