@@ -77,11 +77,11 @@ def test_crash_leaves_no_directory(tiny_model_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = quantize_stage.quantize
 
-    def failing(weight, config):
+    def failing(weight, config, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:
             raise RuntimeError("simulated crash")
-        return real(weight, config)
+        return real(weight, config, **kwargs)
 
     monkeypatch.setattr(quantize_stage, "quantize", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):

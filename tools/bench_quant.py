@@ -1,18 +1,26 @@
-"""Quantize and dequantize throughput: qpeft vs bitsandbytes, NF4 + double quant.
+"""Quantize and dequantize throughput and peak memory: qpeft vs bitsandbytes, NF4 + double quant.
 
-    python tools/bench_quant.py [--device cpu|cuda] [--shapes 4096x4096,8192x28672] [--repeat 3]
+    python tools/bench_quant.py [--device cpu|cuda] [--shapes 4096x4096,8192x28672] [--repeat 3] [--memory]
 
 Both libraries quantize the same bf16 matrix and dequantize it back to bf16 in the
 same process; the table gives the median time of `--repeat` runs, the throughput
 in millions of weights per second, and qpeft's speed as a ratio to bitsandbytes'
 (> 1: qpeft is faster).
+
+With --memory (CPU), each (library, operation) also runs once in a fresh child
+process that reports its peak resident memory above what the input and the output
+themselves take: the working memory of the operation.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import threading
 import time
 
 import torch
@@ -33,12 +41,77 @@ def timed(fn, repeat: int, device: torch.device) -> tuple[float, object]:
     return statistics.median(times), result
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_during(fn) -> tuple[int, object]:
+    """Run fn while a thread samples the resident set size every 0.2 ms (torch ops
+    release the GIL); return the highest sample and fn's result."""
+    peak, done = [_rss_bytes()], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss_bytes()), result
+
+
+def memory_child(library: str, op: str, rows: int, cols: int) -> None:
+    """Run one operation on a fresh bf16 matrix; print its working memory in bytes:
+    the peak resident memory above the input, minus the output it returns."""
+    import bitsandbytes.functional as bnbf
+
+    torch.manual_seed(0)
+    weight = torch.randn(rows, cols, dtype=torch.bfloat16) * 0.02
+    if library == "qpeft":
+        quantize_fn = lambda: quantize(weight, PRESETS["nf4"])  # noqa: E731
+    else:
+        quantize_fn = lambda: bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")  # noqa: E731
+    run = quantize_fn
+    if op == "dequantize":
+        stored = quantize_fn()
+        del weight  # the operation's input is the packed state
+        if library == "qpeft":
+            run = lambda: dequantize(stored, dtype=torch.bfloat16)  # noqa: E731
+        else:
+            run = lambda: bnbf.dequantize_4bit(*stored)  # noqa: E731
+    time.sleep(0.2)  # let freed temporaries of the set-up go back to the OS
+    base = _rss_bytes()
+    peak, result = peak_rss_during(run)
+    output = rows * cols * 2 if op == "dequantize" else int(rows * cols * 4.127 / 8)
+    print(peak - base - output)
+    del result
+
+
+def measure_memory(library: str, op: str, rows: int, cols: int) -> float:
+    cmd = [sys.executable, __file__, "--memory-child", f"{library}:{op}:{rows}x{cols}"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    return int(out) / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", default="4096x4096,8192x28672")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--memory", action="store_true", help="also measure peak working memory (CPU)")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        library, op, shape = args.memory_child.split(":")
+        rows, cols = (int(v) for v in shape.split("x"))
+        memory_child(library, op, rows, cols)
+        return
     import bitsandbytes.functional as bnbf
 
     device = torch.device(args.device)
@@ -68,6 +141,16 @@ def main() -> None:
                 f"| {theirs / ours:.2f} |",
                 flush=True,
             )
+        if args.memory:
+            fp32_mib = weight.numel() * 4 / 2**20
+            for op in ("quantize", "dequantize"):
+                ours_mem = measure_memory("qpeft", op, rows, cols)
+                bnb_mem = measure_memory("bnb", op, rows, cols)
+                print(
+                    f"| {rows}x{cols} | {op} working memory MiB (fp32 copy = {fp32_mib:.0f}) | {ours_mem:.0f} | "
+                    f"{bnb_mem:.0f} | | | {bnb_mem / max(ours_mem, 1):.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

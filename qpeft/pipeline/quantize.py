@@ -27,11 +27,13 @@ from qpeft.models.weights import SafetensorsWeights
 from qpeft.quant import QuantConfig, bits_per_param, dequantize, quantize, storage_bits
 
 
-def _quantize_matrix(weight: torch.Tensor, config: QuantConfig, name: str, writer: ShardWriter) -> dict[str, Any]:
-    """Quantize one matrix, hand its parts to the writer, return its manifest entry."""
-    qt = quantize(weight, config)
+def _quantize_matrix(weight: torch.Tensor, config: QuantConfig, key: str, writer: ShardWriter) -> dict[str, Any]:
+    """Quantize the weight `key` (MODULE.weight), hand its parts to the writer as
+    MODULE.codes etc., return its manifest entry."""
+    qt = quantize(weight, config, name=key)
+    module = key.removesuffix(".weight")
     for part, value in qt.tensors().items():
-        writer.add(f"{name}.{part}", value)
+        writer.add(f"{module}.{part}", value)
     reference = weight.float()
     error = torch.linalg.norm(dequantize(qt) - reference) / torch.linalg.norm(reference).clamp(min=1e-30)
     return {
@@ -69,10 +71,7 @@ def quantize_model(
                 if key not in selected:
                     writer.add(key, tensor)
                     continue
-                name = selected[key]
-                if not torch.isfinite(tensor).all():
-                    raise QpeftError(f"{key} contains NaN or Inf values")
-                matrices[name] = _quantize_matrix(tensor.to(device), config, name, writer)
+                matrices[selected[key]] = _quantize_matrix(tensor.to(device), config, key, writer)
         writer.flush()
         numel = sum(m["shape"][0] * m["shape"][1] for m in matrices.values())
         stored = sum(storage_bits(config, m["shape"][0] * m["shape"][1]) for m in matrices.values())

@@ -24,6 +24,7 @@ beside its input and output.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,12 +33,13 @@ import torch
 from qpeft.errors import QpeftError
 from qpeft.quant.codebooks import dynamic_codebook, nearest_level, nf_codebook, uniform_codebook
 from qpeft.quant.config import QuantConfig, StorageLayout, storage_layout
-from qpeft.quant.packing import decode_lut, pack_codes, packed_numel, unpack_codes
+from qpeft.quant.packing import decode_lut, group_shape, pack_codes, packed_numel, unpack_codes
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-# Elements per chunk of work: 8 Mi values is 32 MiB of fp32 temporaries.
-DEFAULT_CHUNK = 1 << 23
+# Elements per chunk of work: 1 Mi values, 4 MiB per fp32 temporary. Measured on
+# 2 CPU cores (4096x4096 bf16): faster than 256 Ki or 8 Mi chunks (cache-resident).
+DEFAULT_CHUNK = 1 << 20
 
 
 @dataclass
@@ -60,10 +62,7 @@ class QuantizedTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by suffix (for checkpoints)."""
@@ -116,6 +115,14 @@ def _chunks(num_blocks: int, block_size: int, chunk: int) -> Iterator[tuple[int,
         yield start, min(num_blocks, start + step)
 
 
+def _byte_range(start_block: int, end_block: int, config: QuantConfig) -> slice:
+    """Bytes of the packed codes that hold blocks [start, end). Blocks are powers of
+    two of at least 8 values, so they always fill whole packing groups."""
+    group_codes, group_bytes = group_shape(config.bits)
+    lo, hi = start_block * config.block_size, end_block * config.block_size
+    return slice(lo // group_codes * group_bytes, hi // group_codes * group_bytes)
+
+
 def _block_view(flat: torch.Tensor, start_block: int, end_block: int, block_size: int, numel: int) -> torch.Tensor:
     """Blocks [start, end) of the flattened input as fp32 (start, B0), zero-padded."""
     lo, hi = start_block * block_size, end_block * block_size
@@ -125,10 +132,13 @@ def _block_view(flat: torch.Tensor, start_block: int, end_block: int, block_size
     return piece.reshape(-1, block_size)
 
 
-def quantize(weight: torch.Tensor, config: QuantConfig, chunk: int = DEFAULT_CHUNK) -> QuantizedTensor:
-    """Quantize `weight` (any float dtype, CPU or CUDA) under `config`."""
+def quantize(
+    weight: torch.Tensor, config: QuantConfig, chunk: int = DEFAULT_CHUNK, name: str = "tensor"
+) -> QuantizedTensor:
+    """Quantize `weight` (any float dtype, CPU or CUDA) under `config`; `name` is
+    what error messages call it."""
     if not weight.is_floating_point():
-        raise QpeftError(f"can only quantize floating-point tensors, got {weight.dtype}")
+        raise QpeftError(f"can only quantize floating-point tensors, {name} is {weight.dtype}")
     flat = weight.detach().reshape(-1)
     layout = storage_layout(config, flat.numel())
     device = weight.device
@@ -136,21 +146,17 @@ def quantize(weight: torch.Tensor, config: QuantConfig, chunk: int = DEFAULT_CHU
     midpoints = (codebook[:-1] + codebook[1:]) / 2
     absmax = torch.empty(layout.num_blocks, dtype=torch.float32, device=device)
     codes = torch.empty(packed_numel(layout.padded_numel, config.bits), dtype=torch.uint8, device=device)
-    per_byte = layout.padded_numel // codes.numel() if config.bits != 3 else None
     for start, end in _chunks(layout.num_blocks, config.block_size, chunk):
         blocks = _block_view(flat, start, end, config.block_size, layout.numel)
         block_absmax = blocks.abs().amax(dim=1)
-        if not torch.isfinite(block_absmax).all():
-            raise QpeftError("tensor contains NaN or Inf values")
         absmax[start:end] = block_absmax
         # x * (1/absmax), clamped: the exact arithmetic of bitsandbytes' quantizer.
         scaled = torch.clamp(blocks * (1.0 / block_absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
         chunk_codes = torch.bucketize(scaled.reshape(-1), midpoints, out_int32=True)
-        lo, hi = start * config.block_size, end * config.block_size
-        if per_byte is not None:
-            codes[lo // per_byte : hi // per_byte] = pack_codes(chunk_codes, config.bits)
-        else:  # 3-bit: 8 codes per 3 bytes, and every block is a multiple of 8 codes
-            codes[lo * 3 // 8 : hi * 3 // 8] = pack_codes(chunk_codes, config.bits)
+        codes[_byte_range(start, end, config)] = pack_codes(chunk_codes, config.bits)
+    # amax propagates NaN, so one check at the end covers every value (one device sync)
+    if not torch.isfinite(absmax).all():
+        raise QpeftError(f"{name} contains NaN or Inf values")
     if not config.double_quant:
         return QuantizedTensor(config, tuple(weight.shape), codes, absmax.to(TORCH_DTYPES[config.scale_dtype]))
     scale_codes, scale_scales, offset = _quantize_scales(absmax, config, layout)
@@ -202,10 +208,9 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: i
     codebook = nf_codebook(config.bits, device)
     lut = decode_lut(codebook, config.bits)
     out = torch.empty(layout.numel, dtype=dtype, device=device)
-    group_codes, group_bytes = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}[config.bits]
     for start, end in _chunks(layout.num_blocks, config.block_size, chunk):
         lo, hi = start * config.block_size, end * config.block_size
-        packed = qt.codes[lo // group_codes * group_bytes : hi // group_codes * group_bytes]
+        packed = qt.codes[_byte_range(start, end, config)]
         # one gather per byte from a (256, codes-per-byte) table; int32 indices avoid an int64 copy
         if lut is not None:
             values = lut.index_select(0, packed.to(torch.int32)).reshape(-1, config.block_size)

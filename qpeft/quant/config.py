@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from qpeft.errors import QpeftError
+from qpeft.quant.packing import group_shape
 
 CODE_BITS = (2, 3, 4, 8)
 SCALE_BITS = (2, 3, 4, 8)
@@ -145,7 +146,7 @@ def storage_layout(config: QuantConfig, numel: int) -> StorageLayout:
     if config.double_quant:
         num_scale_blocks = math.ceil(num_blocks / config.scale_block_size)
         # only whole packing groups are needed (8 codes for 3-bit scales), not whole B1 blocks
-        group = {2: 4, 3: 8, 4: 2, 8: 1}[config.scale_bits]
+        group, _ = group_shape(config.scale_bits)
         padded_num_blocks = math.ceil(num_blocks / group) * group
     else:
         num_scale_blocks = 0
