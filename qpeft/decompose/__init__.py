@@ -1,0 +1,1 @@
+"""Decomposition methods: W ≈ Q + (a trainable high-precision part)."""

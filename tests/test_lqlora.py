@@ -1,0 +1,87 @@
+"""LQ-LoRA single-matrix decomposition: randomized SVD and the alternating split."""
+
+import pytest
+import torch
+
+from qpeft.decompose.lowrank import lowrank_factors, randomized_svd
+from qpeft.decompose.lqlora import lq_decompose, weighted_error
+from qpeft.quant import dequantize, nf_codebook, parse_config, quantize
+
+
+def test_randomized_svd_matches_exact_on_low_rank():
+    torch.manual_seed(0)
+    a = torch.randn(200, 12) @ torch.randn(12, 150)
+    u, s, vh = randomized_svd(a, 12, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, a, atol=1e-3, rtol=1e-4)
+    exact = torch.linalg.svdvals(a)[:12]
+    torch.testing.assert_close(s, exact, rtol=1e-4, atol=1e-4)
+
+
+def test_randomized_svd_is_near_optimal_on_decaying_spectrum():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(256, 256))
+    v, _ = torch.linalg.qr(torch.randn(192, 192))
+    s = 0.9 ** torch.arange(192.0)
+    a = u[:, :192] @ torch.diag(s) @ v.T
+    approx_u, approx_s, approx_vh = randomized_svd(a, 16, generator=torch.Generator().manual_seed(0))
+    err = torch.linalg.norm(a - approx_u @ torch.diag(approx_s) @ approx_vh)
+    optimal = torch.linalg.norm(s[16:])
+    assert err <= optimal * 1.01
+
+
+def test_weighted_factors_minimise_the_weighted_error():
+    torch.manual_seed(0)
+    a = torch.randn(64, 48)
+    r, c = torch.rand(64) * 3 + 0.1, torch.rand(48) * 3 + 0.1
+    left, right = lowrank_factors(a, 4, r, c, torch.Generator().manual_seed(0))
+    plain_left, plain_right = lowrank_factors(a, 4, generator=torch.Generator().manual_seed(0))
+    assert weighted_error(a - left @ right, r, c) < weighted_error(a - plain_left @ plain_right, r, c)
+    # and matches the exact weighted optimum (Eckart–Young on the scaled matrix)
+    optimal = torch.linalg.svdvals(a * r.unsqueeze(1) * c.unsqueeze(0))[4:].square().sum().sqrt()
+    assert weighted_error(a - left @ right, r, c) == pytest.approx(optimal.item(), rel=1e-3)
+
+
+def test_low_rank_plus_on_grid_goes_to_zero():
+    torch.manual_seed(0)
+    config = parse_config("nf4-b64-fp32")
+    levels = nf_codebook(4)
+    codes = torch.randint(0, 16, (128, 128))
+    codes[:, ::64] = 15  # every block reaches +1: its absmax is exactly the scale
+    on_grid = levels[codes] * 0.5
+    low_rank = 0.02 * torch.randn(128, 4) @ torch.randn(4, 128) / 4
+    result = lq_decompose(on_grid + low_rank, config, rank=4, max_iters=50, rel_tol=0)
+    relative = result.error / torch.linalg.norm(on_grid + low_rank).item()
+    assert relative < 1e-3, (relative, result.errors)
+
+
+@pytest.mark.parametrize("config_name", ["nf2", "nf3", "nf4"])
+def test_never_worse_than_plain_quantization(config_name):
+    torch.manual_seed(1)
+    config = parse_config(config_name)
+    w = torch.randn(96, 160) * 0.02 + 0.01 * torch.randn(96, 3) @ torch.randn(3, 160)
+    plain = torch.linalg.norm(w - dequantize(quantize(w, config))).item()
+    result = lq_decompose(w, config, rank=8)
+    assert result.error <= plain
+    assert result.error == min(result.errors)
+    recon = dequantize(result.quantized) + result.left @ result.right
+    assert torch.linalg.norm(w - recon).item() == pytest.approx(result.error, rel=1e-5)
+
+
+def test_weighted_variant_lowers_the_weighted_error():
+    torch.manual_seed(2)
+    config = parse_config("nf3")
+    w = torch.randn(128, 128) * 0.02
+    r = torch.ones(128)
+    r[:8] = 20.0  # a skewed Fisher: a few rows matter far more
+    c = torch.ones(128)
+    unweighted = lq_decompose(w, config, rank=8)
+    weighted = lq_decompose(w, config, rank=8, row_weight=r, col_weight=c)
+    recon = dequantize(unweighted.quantized) + unweighted.left @ unweighted.right
+    assert weighted.error < weighted_error(w - recon, r, c)
+
+
+def test_rank_zero_is_plain_quantization():
+    w = torch.randn(64, 64)
+    result = lq_decompose(w, parse_config("nf4"), rank=0)
+    assert result.iterations == 0 and result.left.shape == (64, 0)
+    assert torch.equal(dequantize(result.quantized), dequantize(quantize(w, parse_config("nf4"))))
