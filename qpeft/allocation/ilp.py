@@ -1,0 +1,91 @@
+"""Choosing one quantization config per matrix under a bit budget (LQ-LoRA §3.2).
+
+Binary x[i, j] = matrix i uses config j. Minimise Σ cost[i, j]·x[i, j] subject to
+Σ_j x[i, j] = 1 for every matrix and Σ bits[j]·numel[i]·x[i, j] ≤ budget·Σ numel[i].
+
+Solved with pulp's bundled CBC (no Gurobi). Before solving, each matrix keeps only
+its Pareto-optimal configs: a config that another config beats or ties in both bits
+and cost for that matrix can be swapped for it in any solution without raising the
+cost or the bits, so dropping it loses nothing and shrinks the problem several-fold.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from qpeft.errors import QpeftError
+
+
+def parse_budget(text: str | float) -> float:
+    """'2.75bits', '2.75' or 2.75 → 2.75 (average bits per parameter)."""
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:bits?)?\s*", text)
+        if not match:
+            raise QpeftError(f"cannot read the budget {text!r}: give bits per parameter, e.g. 2.75 or 2.75bits")
+        value = float(match.group(1))
+    if value <= 0:
+        raise QpeftError(f"the budget must be positive, got {value}")
+    return value
+
+
+@dataclass
+class Allocation:
+    choice: list[int]  # config index per matrix
+    cost: float  # total cost of the choice
+    average_bits: float  # Σ bits·numel / Σ numel
+    kept_variables: int  # binaries after per-matrix Pareto pruning
+    status: str
+
+
+def pareto_configs(costs: np.ndarray, bits: np.ndarray) -> list[int]:
+    """Indices of the configs on one matrix's (bits, cost) Pareto front, by rising bits."""
+    order = np.lexsort((costs, bits))  # by bits, then cost
+    kept, best = [], np.inf
+    for j in order:
+        if costs[j] < best:
+            kept.append(int(j))
+            best = costs[j]
+    return kept
+
+
+def ilp_allocate(
+    costs: np.ndarray, bits: Sequence[float], numel: Sequence[int], budget: float, time_limit: float | None = None
+) -> Allocation:
+    """Solve the allocation for a (matrices × configs) cost table."""
+    import pulp
+
+    costs = np.asarray(costs, dtype=np.float64)
+    bits_arr = np.asarray(bits, dtype=np.float64)
+    numel_arr = np.asarray(numel, dtype=np.float64)
+    if costs.shape != (numel_arr.size, bits_arr.size):
+        raise ValueError(f"cost table {costs.shape} does not match {numel_arr.size} matrices × {bits_arr.size} configs")
+    total = numel_arr.sum()
+    lowest = float(numel_arr @ np.full(numel_arr.size, bits_arr.min()) / total)
+    highest = float(bits_arr.max())
+    if budget < lowest - 1e-12:
+        raise QpeftError(
+            f"budget {budget:g} bits/param is infeasible: the configs allow averages from {lowest:.4f} to {highest:.4f}"
+        )
+    fronts = [pareto_configs(costs[i], bits_arr) for i in range(numel_arr.size)]
+    # normalise costs so CBC's tolerances mean the same thing at every model scale
+    scale = max(float(np.abs(costs).max()), 1e-300)
+    problem = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
+    x = {(i, j): pulp.LpVariable(f"x_{i}_{j}", cat="Binary") for i, front in enumerate(fronts) for j in front}
+    problem += pulp.lpSum(costs[i, j] / scale * var for (i, j), var in x.items())
+    for i, front in enumerate(fronts):
+        problem += pulp.lpSum(x[i, j] for j in front) == 1
+    problem += pulp.lpSum(bits_arr[j] * numel_arr[i] / total * var for (i, j), var in x.items()) <= budget
+    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=1e-9)
+    problem.solve(solver)
+    status = pulp.LpStatus[problem.status]
+    if status != "Optimal":
+        raise QpeftError(f"the allocation solver ended with status {status}")
+    choice = [max(front, key=lambda j, i=i: x[i, j].value() or 0.0) for i, front in enumerate(fronts)]
+    chosen_bits = float(sum(bits_arr[j] * numel_arr[i] for i, j in enumerate(choice)) / total)
+    return Allocation(choice, float(sum(costs[i, j] for i, j in enumerate(choice))), chosen_bits, len(x), status)
