@@ -193,10 +193,13 @@ def dequantize_scales(qt: QuantizedTensor) -> torch.Tensor:
     layout = storage_layout(config, qt.numel)
     if not config.double_quant:
         return qt.scales.to(torch.float32)
-    codes = unpack_codes(qt.scales, config.scale_bits)[: layout.num_blocks].to(torch.int64)
-    values = _scale_codebook(config, qt.scales.device)[codes]
-    second = qt.scale_scales.to(torch.float32).repeat_interleave(config.scale_block_size)[: layout.num_blocks]
-    return values * second + qt.scale_offset
+    codes = unpack_codes(qt.scales, config.scale_bits)[: layout.num_blocks].to(torch.int32)
+    values = _scale_codebook(config, qt.scales.device).index_select(0, codes)
+    whole = layout.num_scale_blocks * config.scale_block_size
+    values = torch.nn.functional.pad(values, (0, whole - layout.num_blocks)).view(-1, config.scale_block_size)
+    # code · level-2 scale, then + offset: the same two fp32 roundings as bitsandbytes
+    values.mul_(qt.scale_scales.to(torch.float32).unsqueeze(1))
+    return values.view(-1)[: layout.num_blocks].add_(qt.scale_offset)
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
