@@ -117,7 +117,7 @@ def main() -> None:
     device = torch.device(args.device)
     config = PRESETS["nf4"]
     print(
-        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}), "
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.machine()}), "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeat}"
     )
     print("| shape | op | qpeft s | bnb s | qpeft Mweights/s | bnb Mweights/s | qpeft speed / bnb |")

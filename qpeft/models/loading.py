@@ -14,6 +14,7 @@ from qpeft.io.checkpoint import is_checkpoint, iter_shards, read_manifest
 from qpeft.models.resolve import resolve_model
 from qpeft.modules import QuantLinear
 from qpeft.quant import parse_config
+from qpeft.quant.blockwise import PART_NAMES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,9 +64,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, device: str 
             dtype,
         )
         model.set_submodule(name, module)
-    quantized_parts = {
-        f"{name}.{part}" for name in quantized for part in ("codes", "scales", "scale_scales", "scale_offset")
-    }
+    quantized_parts = {f"{name}.{part}" for name in quantized for part in PART_NAMES}
     for shard, tensors in iter_shards(path, manifest, device):
         for key, tensor in tensors.items():
             if key not in quantized_parts and tensor.is_floating_point():

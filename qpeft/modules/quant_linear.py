@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize, storage_layout
-from qpeft.quant.blockwise import TORCH_DTYPES
-from qpeft.quant.packing import packed_numel
+from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize
+from qpeft.quant.blockwise import PART_NAMES, part_specs
 
 
 class QuantLinear(nn.Module):
@@ -29,18 +28,8 @@ class QuantLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.config = in_features, out_features, config
-        layout = storage_layout(config, in_features * out_features)
-        codes = packed_numel(layout.padded_numel, config.bits)
-        self.register_buffer("codes", torch.empty(codes, dtype=torch.uint8, device=device))
-        if config.double_quant:
-            scale_codes = packed_numel(layout.padded_num_blocks, config.scale_bits)
-            level2 = TORCH_DTYPES[config.scale_dtype]
-            self.register_buffer("scales", torch.empty(scale_codes, dtype=torch.uint8, device=device))
-            self.register_buffer("scale_scales", torch.empty(layout.num_scale_blocks, dtype=level2, device=device))
-            self.register_buffer("scale_offset", torch.empty(1, dtype=torch.float32, device=device))
-        else:
-            scale_dtype = TORCH_DTYPES[config.scale_dtype]
-            self.register_buffer("scales", torch.empty(layout.num_blocks, dtype=scale_dtype, device=device))
+        for name, (part_dtype, numel) in part_specs(config, in_features * out_features).items():
+            self.register_buffer(name, torch.empty(numel, dtype=part_dtype, device=device))
         self.bias = (
             nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
         )
@@ -59,9 +48,7 @@ class QuantLinear(nn.Module):
 
     @property
     def quantized(self) -> QuantizedTensor:
-        parts = {
-            key: getattr(self, key) for key in ("codes", "scales", "scale_scales", "scale_offset") if hasattr(self, key)
-        }
+        parts = {name: getattr(self, name) for name in PART_NAMES if hasattr(self, name)}
         return QuantizedTensor(self.config, (self.out_features, self.in_features), **parts)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -42,6 +42,22 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 DEFAULT_CHUNK = 1 << 20
 
 
+PART_NAMES = ("codes", "scales", "scale_scales", "scale_offset")
+
+
+def part_specs(config: QuantConfig, numel: int) -> dict[str, tuple[torch.dtype, int]]:
+    """(dtype, number of values) of every stored part of a matrix of `numel` values."""
+    layout = storage_layout(config, numel)
+    specs = {"codes": (torch.uint8, packed_numel(layout.padded_numel, config.bits))}
+    if config.double_quant:
+        specs["scales"] = (torch.uint8, packed_numel(layout.padded_num_blocks, config.scale_bits))
+        specs["scale_scales"] = (TORCH_DTYPES[config.scale_dtype], layout.num_scale_blocks)
+        specs["scale_offset"] = (torch.float32, 1)
+    else:
+        specs["scales"] = (TORCH_DTYPES[config.scale_dtype], layout.num_blocks)
+    return specs
+
+
 @dataclass
 class QuantizedTensor:
     """Packed storage of one quantized matrix.
@@ -77,23 +93,14 @@ class QuantizedTensor:
         cls, config: QuantConfig, shape: tuple[int, ...], tensors: dict[str, torch.Tensor]
     ) -> QuantizedTensor:
         """Rebuild from `tensors()` output, checking every part's dtype and size."""
-        parts = (tensors["codes"], tensors["scales"], tensors.get("scale_scales"), tensors.get("scale_offset"))
-        qt = cls(config, tuple(shape), *parts)
+        qt = cls(config, tuple(shape), *(tensors.get(name) for name in PART_NAMES))
         qt.validate()
         return qt
 
     def validate(self) -> None:
         """Check that every stored tensor has the size the config and shape imply."""
-        layout = storage_layout(self.config, self.numel)
-        expected = {"codes": (torch.uint8, packed_numel(layout.padded_numel, self.config.bits))}
-        if self.config.double_quant:
-            expected["scales"] = (torch.uint8, packed_numel(layout.padded_num_blocks, self.config.scale_bits))
-            expected["scale_scales"] = (TORCH_DTYPES[self.config.scale_dtype], layout.num_scale_blocks)
-            expected["scale_offset"] = (torch.float32, 1)
-        else:
-            expected["scales"] = (TORCH_DTYPES[self.config.scale_dtype], layout.num_blocks)
         stored = self.tensors()
-        for key, (dtype, numel) in expected.items():
+        for key, (dtype, numel) in part_specs(self.config, self.numel).items():
             tensor = stored.get(key)
             if tensor is None or tensor.dtype != dtype or tensor.numel() != numel:
                 got = "missing" if tensor is None else f"{tensor.dtype} with {tensor.numel()} values"
