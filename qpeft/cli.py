@@ -67,6 +67,7 @@ def _check_device(device: str) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    from qpeft.io.atomic import ensure_absent
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import DEFAULT_TARGETS
     from qpeft.pipeline.quantize import quantize_model
@@ -74,8 +75,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     config = parse_config(args.config)
     _check_device(args.device)
-    if args.out.exists():
-        raise QpeftError(f"output directory already exists: {args.out}")
+    ensure_absent(args.out)  # before the slow steps, not only when writing starts
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else DEFAULT_TARGETS
     model_dir = resolve_model(args.model)
     manifest = quantize_model(model_dir, args.out, config, targets, args.device, source=args.model or "smollm2")
@@ -92,7 +92,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from qpeft.eval.perplexity import count_windows, load_eval_text, perplexity, tokenize
-    from qpeft.models.loading import DTYPES, load_model, locate
+    from qpeft.models.loading import load_model, locate
+    from qpeft.quant.blockwise import TORCH_DTYPES
 
     _positive("--seqlen", args.seqlen)
     _positive("--max-windows", args.max_windows)
@@ -101,7 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     path = locate(args.model)
     ids = tokenize(AutoTokenizer.from_pretrained(path), text)
     count_windows(ids.numel(), args.seqlen)  # fail before loading the model
-    model = load_model(path, DTYPES[args.dtype], args.device)
+    model = load_model(path, TORCH_DTYPES[args.dtype], args.device)
     result = perplexity(model, ids, args.seqlen, args.max_windows, torch.device(args.device))
     row = {
         "model": args.model or "smollm2",

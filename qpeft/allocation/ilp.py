@@ -66,8 +66,7 @@ def ilp_allocate(
     if costs.shape != (numel_arr.size, bits_arr.size):
         raise ValueError(f"cost table {costs.shape} does not match {numel_arr.size} matrices × {bits_arr.size} configs")
     total = numel_arr.sum()
-    lowest = float(numel_arr @ np.full(numel_arr.size, bits_arr.min()) / total)
-    highest = float(bits_arr.max())
+    lowest, highest = float(bits_arr.min()), float(bits_arr.max())
     if budget < lowest - 1e-12:
         raise QpeftError(
             f"budget {budget:g} bits/param is infeasible: the configs allow averages from {lowest:.4f} to {highest:.4f}"

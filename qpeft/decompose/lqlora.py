@@ -55,20 +55,22 @@ def lq_decompose(
     w = weight.float()
     generator = torch.Generator(device=w.device).manual_seed(seed)
     qt = quantize(w, config)
+    residual = w - dequantize(qt)  # W − deq(Q) of the current Q
     empty_left = w.new_zeros(w.shape[0], rank)
     empty_right = w.new_zeros(rank, w.shape[1])
-    best = LQDecomposition(qt, empty_left, empty_right, weighted_error(w - dequantize(qt), row_weight, col_weight))
+    best = LQDecomposition(qt, empty_left, empty_right, weighted_error(residual, row_weight, col_weight))
     best.errors.append(best.error)
     if rank == 0:
         return best
     for _ in range(max_iters):
-        left, right = lowrank_factors(w - dequantize(qt), rank, row_weight, col_weight, generator)
+        left, right = lowrank_factors(residual, rank, row_weight, col_weight, generator)
         lowrank = left @ right
         qt_next = quantize(w - lowrank, config)
-        error = weighted_error(w - dequantize(qt_next) - lowrank, row_weight, col_weight)
+        residual_next = w - dequantize(qt_next)
+        error = weighted_error(residual_next - lowrank, row_weight, col_weight)
         # the pair (Q, L) before re-quantizing is also a valid iterate, and it is the
         # one guaranteed not to be worse than quantization alone
-        error_pair = weighted_error(w - dequantize(qt) - lowrank, row_weight, col_weight)
+        error_pair = weighted_error(residual - lowrank, row_weight, col_weight)
         candidates = [(error_pair, qt), (error, qt_next)]
         step_error, step_q = min(candidates, key=lambda c: c[0])
         best.errors.append(step_error)
@@ -77,5 +79,5 @@ def lq_decompose(
             best.quantized, best.left, best.right, best.error = step_q, left, right, step_error
         if not improved:
             break
-        qt = qt_next
+        qt, residual = qt_next, residual_next
     return best

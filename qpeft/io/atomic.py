@@ -16,11 +16,16 @@ from pathlib import Path
 from qpeft.errors import QpeftError
 
 
+def ensure_absent(target: Path) -> None:
+    """Refuse to write over anything the user already has."""
+    if Path(target).exists():
+        raise QpeftError(f"output directory already exists: {target}")
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     target = Path(target)
-    if target.exists():
-        raise QpeftError(f"output directory already exists: {target}")
+    ensure_absent(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
     try:

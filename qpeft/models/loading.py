@@ -16,8 +16,6 @@ from qpeft.modules import QuantLinear
 from qpeft.quant import parse_config
 from qpeft.quant.blockwise import PART_NAMES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def build_skeleton(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model's module tree with parameters on the meta device (no memory);

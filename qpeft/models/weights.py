@@ -29,15 +29,6 @@ class SafetensorsWeights:
                 with safe_open(str(file), framework="pt") as handle:
                     self.weight_map.update(dict.fromkeys(handle.keys(), file.name))
 
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self.weight_map:
-            raise QpeftError(f"{self.model_dir}: no tensor named {key}")
-        with safe_open(str(self.model_dir / self.weight_map[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
-
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """All tensors, shard by shard (each shard opened once)."""
         by_shard: dict[str, list[str]] = {}
