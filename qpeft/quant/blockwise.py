@@ -32,7 +32,7 @@ import torch
 
 from qpeft.errors import QpeftError
 from qpeft.quant.codebooks import dynamic_codebook, nearest_level, nf_codebook, uniform_codebook
-from qpeft.quant.config import QuantConfig, StorageLayout, storage_layout
+from qpeft.quant.config import QuantConfig, storage_layout
 from qpeft.quant.packing import decode_lut, group_shape, pack_codes, packed_numel, unpack_codes
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -166,8 +166,9 @@ def quantize(
         raise QpeftError(f"{name} contains NaN or Inf values")
     if not config.double_quant:
         return QuantizedTensor(config, tuple(weight.shape), codes, absmax.to(TORCH_DTYPES[config.scale_dtype]))
-    scale_codes, scale_scales, offset = _quantize_scales(absmax, config, layout)
-    return QuantizedTensor(config, tuple(weight.shape), codes, scale_codes, scale_scales, offset)
+    scale_codes, scale_scales, offset = _quantize_scales(absmax, config)
+    packed_scales = pack_codes(scale_codes[: layout.padded_num_blocks], config.scale_bits)
+    return QuantizedTensor(config, tuple(weight.shape), codes, packed_scales, scale_scales, offset)
 
 
 def _scale_codebook(config: QuantConfig, device: torch.device) -> torch.Tensor:
@@ -176,13 +177,13 @@ def _scale_codebook(config: QuantConfig, device: torch.device) -> torch.Tensor:
     return uniform_codebook(config.scale_bits, device)
 
 
-def _quantize_scales(
-    absmax: torch.Tensor, config: QuantConfig, layout: StorageLayout
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize_scales(absmax: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unpacked b0-bit scale codes (int32, one per block, padded to whole scale
+    blocks), the second-level scales in `scale_dtype` and the fp32 offset."""
     signed = config.scale_bits == 8
     offset = absmax.mean() if signed else absmax.min()
-    padded = layout.num_scale_blocks * config.scale_block_size
-    centred = torch.nn.functional.pad(absmax - offset, (0, padded - absmax.numel()))
+    num_scale_blocks = -(-absmax.numel() // config.scale_block_size)
+    centred = torch.nn.functional.pad(absmax - offset, (0, num_scale_blocks * config.scale_block_size - absmax.numel()))
     blocks = centred.reshape(-1, config.scale_block_size)
     block_max = blocks.abs().amax(dim=1)
     # Round the second-level scale to its storage dtype first, so that the codes are
@@ -190,23 +191,67 @@ def _quantize_scales(
     block_max = block_max.to(TORCH_DTYPES[config.scale_dtype])
     normed = blocks * (1.0 / block_max.float().clamp(min=1e-38)).unsqueeze(1)
     normed = torch.clamp(normed, -1 if signed else 0, 1).reshape(-1)
-    codes = nearest_level(normed, _scale_codebook(config, absmax.device))[: layout.padded_num_blocks]
-    return pack_codes(codes, config.scale_bits), block_max, offset.reshape(1).to(torch.float32)
+    codes = nearest_level(normed, _scale_codebook(config, absmax.device))
+    return codes, block_max, offset.reshape(1).to(torch.float32)
+
+
+def _scale_values(
+    codes: torch.Tensor, scale_scales: torch.Tensor, offset: torch.Tensor, config: QuantConfig, num_blocks: int
+) -> torch.Tensor:
+    """fp32 block scales from unpacked scale codes: level · second-level scale + offset."""
+    values = _scale_codebook(config, codes.device).index_select(0, codes[:num_blocks].to(torch.int32))
+    whole = scale_scales.numel() * config.scale_block_size
+    values = torch.nn.functional.pad(values, (0, whole - num_blocks)).view(-1, config.scale_block_size)
+    # code · level-2 scale, then + offset: the same two fp32 roundings as bitsandbytes
+    values.mul_(scale_scales.to(torch.float32).unsqueeze(1))
+    return values.view(-1)[:num_blocks].add_(offset)
+
+
+def simulated_scales(absmax: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """The fp32 scales the dequantizer would use for blocks with these exact
+    absmaxes: double-quantized, or rounded to `scale_dtype`."""
+    if not config.double_quant:
+        return absmax.to(TORCH_DTYPES[config.scale_dtype]).to(torch.float32)
+    codes, scale_scales, offset = _quantize_scales(absmax, config)
+    return _scale_values(codes, scale_scales, offset, config, absmax.numel())
 
 
 def dequantize_scales(qt: QuantizedTensor) -> torch.Tensor:
     """The fp32 block scales that the dequantizer multiplies by (one per block)."""
     config = qt.config
-    layout = storage_layout(config, qt.numel)
     if not config.double_quant:
         return qt.scales.to(torch.float32)
-    codes = unpack_codes(qt.scales, config.scale_bits)[: layout.num_blocks].to(torch.int32)
-    values = _scale_codebook(config, qt.scales.device).index_select(0, codes)
-    whole = layout.num_scale_blocks * config.scale_block_size
-    values = torch.nn.functional.pad(values, (0, whole - layout.num_blocks)).view(-1, config.scale_block_size)
-    # code · level-2 scale, then + offset: the same two fp32 roundings as bitsandbytes
-    values.mul_(qt.scale_scales.to(torch.float32).unsqueeze(1))
-    return values.view(-1)[: layout.num_blocks].add_(qt.scale_offset)
+    num_blocks = storage_layout(config, qt.numel).num_blocks
+    return _scale_values(
+        unpack_codes(qt.scales, config.scale_bits), qt.scale_scales, qt.scale_offset, config, num_blocks
+    )
+
+
+def normalized_blocks(
+    weight: torch.Tensor, bits: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The flattened fp32 input cut into zero-padded blocks (n, B0), its exact block
+    absmaxes (n) and the chosen codebook level of every value (n, B0): everything a
+    config with these code bits and block size shares, whatever its scale format."""
+    flat = weight.detach().reshape(-1)
+    numel = flat.numel()
+    num_blocks = -(-numel // block_size)
+    blocks = _block_view(flat, 0, num_blocks, block_size, numel)
+    absmax = blocks.abs().amax(dim=1)
+    codebook = nf_codebook(bits, blocks.device)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
+    levels = codebook.index_select(0, nearest_level(scaled.view(-1), codebook).view(-1)).view_as(blocks)
+    return blocks, absmax, levels
+
+
+def simulate(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """dequantize(quantize(weight, config)) in fp32, bit for bit, without packing:
+    the fast path for searches that only need the quantized values."""
+    _, absmax, levels = normalized_blocks(weight, config.bits, config.block_size)
+    if not torch.isfinite(absmax).all():
+        raise QpeftError("cannot quantize a tensor with NaN or Inf values")
+    values = levels.mul_(simulated_scales(absmax, config).unsqueeze(1)).view(-1)
+    return values[: weight.numel()].view(weight.shape)
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
