@@ -1,0 +1,149 @@
+"""The cost of every (matrix, config) pair for the bit allocation (LQ-LoRA §3.2).
+
+cost(W, config) = Σ_ij F̂_ij · (W − Q − L1·L2)_ij², the squared error of the
+decomposition under that config, weighted by F̂ = (r²)(c²)ᵀ / mean(F): the
+row × column (rank-one) reduction of the Fisher diagonal F, scaled so that
+ΣF̂ = ΣF, which keeps costs of different matrices comparable. Without a Fisher
+F̂ = 1 and the cost is the squared Frobenius error.
+
+Running the full alternation for each of the 432 configs is what makes the
+reference code need a GPU cluster. The work is shared instead:
+
+* configs that share code bits b and block size B0 choose the same codes (codes
+  are picked against the exact block absmax), so they differ only in the block
+  scales s_k. With e = x − m·v (m the exact absmax, v the chosen level) and
+  d = m − s, the error of block k is E_k + 2·d_k·G_k + d_k²·C_k, where
+  E = Σ F̂e², G = Σ F̂ev, C = Σ F̂v². One pass over the matrix per (b, B0) group
+  prices all of its scale formats at O(blocks) each;
+* the alternation runs once per group, under the group's finest scale format
+  (its anchor), warm-started from the previous group's low-rank factors; the
+  group's configs are priced on W − L1·L2 of the anchor's best iterate.
+
+`tools/bench_costs.py` measures how far this is from running every config's own
+alternation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from qpeft.allocation.ilp import pareto_configs
+from qpeft.decompose.lqlora import alternate
+from qpeft.quant import QuantConfig
+from qpeft.quant.blockwise import normalized_blocks, simulate, simulated_scales
+
+
+def element_weights(
+    shape: tuple[int, int], row_weight: torch.Tensor | None, col_weight: torch.Tensor | None
+) -> torch.Tensor | None:
+    """F̂ = (r²)(c²)ᵀ / mean(F) for row/column weights r = √(row means of F),
+    c = √(column means of F); None (all ones) without weights."""
+    if row_weight is None or col_weight is None:
+        return None
+    row_mean, col_mean = row_weight.float().square(), col_weight.float().square()
+    fisher_mean = row_mean.mean().clamp(min=1e-30)  # = mean(F) = mean(col_mean)
+    return torch.outer(row_mean, col_mean).div_(fisher_mean).reshape(shape)
+
+
+def scale_format_errors(
+    residual: torch.Tensor, configs: Sequence[QuantConfig], weights: torch.Tensor | None = None
+) -> list[float]:
+    """Σ F̂·(x − deq(quant(x)))² for each config, all sharing bits and block size."""
+    bits, block = configs[0].bits, configs[0].block_size
+    if any((c.bits, c.block_size) != (bits, block) for c in configs):
+        raise ValueError("scale_format_errors needs configs that share code bits and block size")
+    blocks, absmax, levels = normalized_blocks(residual, bits, block)
+    diff = blocks - levels * absmax.unsqueeze(1)
+    if weights is None:
+        weighted_levels, weighted_diff = levels, diff
+    else:
+        flat = weights.reshape(-1)
+        w = torch.nn.functional.pad(flat, (0, blocks.numel() - flat.numel())).view_as(blocks)
+        weighted_levels, weighted_diff = levels * w, diff * w
+    exact = (weighted_diff * diff).sum(dim=1).double()
+    cross = (weighted_diff * levels).sum(dim=1).double()
+    level_mass = (weighted_levels * levels).sum(dim=1).double()
+    errors = []
+    for config in configs:
+        gap = (absmax - simulated_scales(absmax, config)).double()
+        errors.append(float((exact + gap * (2 * cross + gap * level_mass)).sum()))
+    return errors
+
+
+def group_configs(configs: Sequence[QuantConfig]) -> list[list[int]]:
+    """Indices of `configs` grouped by (code bits, block size); within a group the
+    finest scale format (most bits) comes first; groups by rising bits, falling block."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, config in enumerate(configs):
+        groups.setdefault((config.bits, config.block_size), []).append(index)
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0], -item[0][1]))
+    return [sorted(members, key=lambda j: -configs[j].bits_per_param) for _, members in ordered]
+
+
+def matrix_costs(
+    weight: torch.Tensor,
+    configs: Sequence[QuantConfig],
+    rank: int,
+    row_weight: torch.Tensor | None = None,
+    col_weight: torch.Tensor | None = None,
+    seed: int = 0,
+    max_iters: int = 20,
+    rel_tol: float = 1e-3,
+    refine_iters: int = 2,
+    refine_all: bool = False,
+) -> np.ndarray:
+    """Cost of `weight` (fp32 on its device) under each config, in the order given.
+
+    Every config is first priced on its group anchor's low-rank part (an upper bound:
+    it is a valid decomposition under that config). Then the configs on the matrix's
+    (bits, cost) Pareto front, the only ones the allocation can pick, get their own
+    alternation warm-started from the anchor (`refine_iters` steps), until the front
+    holds refined configs only; `refine_all` refines every config."""
+    w = weight.float()
+    weights = element_weights(tuple(w.shape), row_weight, col_weight)
+    fisher_mean = 1.0 if weights is None else float(row_weight.float().square().mean())
+    costs = np.empty(len(configs))
+    anchors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # config index → its group anchor's (L1, L2)
+    for group in group_configs(configs):
+        generator = torch.Generator(device=w.device).manual_seed(seed)
+        best = alternate(
+            w,
+            lambda x, c=configs[group[0]]: simulate(x, c),
+            rank,
+            row_weight,
+            col_weight,
+            max_iters,
+            rel_tol,
+            generator,
+        )
+        residual = w - best.left @ best.right if rank else w
+        costs[group] = scale_format_errors(residual, [configs[j] for j in group], weights)
+        anchors.update(dict.fromkeys(group, (best.left, best.right)))
+    if rank == 0 or refine_iters == 0:
+        return costs
+    bits = np.array([c.bits_per_param for c in configs])
+    refined: set[int] = set()
+    while True:
+        todo = set(range(len(configs))) if refine_all else set(pareto_configs(costs, bits))
+        todo -= refined
+        if not todo:
+            return costs
+        for j in sorted(todo):
+            generator = torch.Generator(device=w.device).manual_seed(seed + 1)
+            result = alternate(
+                w,
+                lambda x, c=configs[j]: simulate(x, c),
+                rank,
+                row_weight,
+                col_weight,
+                refine_iters,
+                rel_tol,
+                generator,
+                init=anchors[j],
+                warm_power_iters=1,
+            )
+            costs[j] = min(costs[j], result.error**2 / fisher_mean)
+            refined.add(j)
