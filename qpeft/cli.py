@@ -22,6 +22,40 @@ def _add_model_arg(parser: argparse.ArgumentParser, checkpoint: bool = False) ->
     )
 
 
+def _add_targets_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--targets",
+        default=None,
+        help="comma-separated layer name patterns (default: q,k,v,o,gate,up,down projections)",
+    )
+
+
+def _add_calib_args(parser: argparse.ArgumentParser, with_source: bool = True) -> None:
+    from calib.batches import DEFAULT_SEQLEN, DEFAULT_SEQUENCES
+
+    if with_source:
+        parser.add_argument(
+            "--calib", default="wikitext2", help="wikitext2 (its validation split, the default) or a UTF-8 text file"
+        )
+    parser.add_argument(
+        "--calib-sequences", type=int, default=DEFAULT_SEQUENCES, help=f"sequences (default: {DEFAULT_SEQUENCES})"
+    )
+    parser.add_argument(
+        "--calib-seqlen", type=int, default=DEFAULT_SEQLEN, help=f"tokens per sequence (default: {DEFAULT_SEQLEN})"
+    )
+    parser.add_argument("--calib-seed", type=int, default=0, help="seed of the sequence sampling (default: 0)")
+    parser.add_argument("--calib-batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
+    parser.add_argument(
+        "--calib-dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="model dtype for calibration"
+    )
+
+
+def _targets(text: str | None) -> tuple[str, ...]:
+    from qpeft.models.selection import DEFAULT_TARGETS
+
+    return tuple(t.strip() for t in text.split(",") if t.strip()) if text else DEFAULT_TARGETS
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qpeft", description="Quantization-aware PEFT: QLoRA, LQ-LoRA, QWHA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,12 +64,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(quant)
     quant.add_argument("--config", default="nf4", help="preset (nf4, nf3, nf2, nf8) or e.g. nf4-b64-s8x256-fp32")
     quant.add_argument("--out", required=True, type=Path, help="output checkpoint directory (must not exist)")
-    quant.add_argument(
-        "--targets",
-        default=None,
-        help="comma-separated layer name patterns (default: q,k,v,o,gate,up,down projections)",
-    )
+    _add_targets_arg(quant)
     quant.add_argument("--device", default="cpu", help="device for the quantization work (cpu, cuda)")
+
+    cal = sub.add_parser("calibrate", help="Fisher row/column statistics of the selected layers")
+    _add_model_arg(cal)
+    cal.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    _add_targets_arg(cal)
+    _add_calib_args(cal)
+    cal.add_argument("--device", default="cpu", help="device for the forward/backward passes (cpu, cuda)")
+
+    dec = sub.add_parser(
+        "decompose",
+        help="LQ-LoRA: W = Q + L1·L2 per matrix, configs chosen by an ILP to meet a bit budget",
+        description="Split every selected matrix as W ≈ Q + L1·L2 (LQ-LoRA) and pick each matrix's "
+        "quantization config with an integer linear program so that the average bits per parameter of Q "
+        "meet the budget. Writes a qpeft checkpoint that `qpeft eval` loads.",
+    )
+    _add_model_arg(dec)
+    dec.add_argument("--budget", required=True, help="average bits per parameter of Q, e.g. 2.75bits or 2.75")
+    dec.add_argument("--rank", type=int, default=64, help="rank of L1·L2; 0 = ILP-only mixed precision (default: 64)")
+    fisher = dec.add_mutually_exclusive_group()
+    fisher.add_argument(
+        "--calib",
+        default="wikitext2",
+        help="calibration text for the Fisher weighting: wikitext2 (its validation split, the default) "
+        "or a UTF-8 text file",
+    )
+    fisher.add_argument("--fisher", type=Path, default=None, help="use this Fisher file (from qpeft calibrate)")
+    fisher.add_argument("--no-fisher", action="store_true", help="unweighted decomposition and costs")
+    _add_calib_args(dec, with_source=False)
+    dec.add_argument(
+        "--configs",
+        default="lqlora",
+        help="candidate configs: 'lqlora' (the paper's 432-config grid, default) or a comma-separated list",
+    )
+    dec.add_argument("--out", required=True, type=Path, help="output checkpoint directory (must not exist)")
+    _add_targets_arg(dec)
+    dec.add_argument("--device", default="cpu", help="device for the decomposition work (cpu, cuda)")
+    dec.add_argument("--seed", type=int, default=0, help="seed of the randomized SVDs (default: 0)")
+    dec.add_argument(
+        "--refine-iters",
+        type=int,
+        default=2,
+        help="alternation steps given to each Pareto-front config of the cost table (default: 2; 0 = none)",
+    )
+    dec.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.work")
+    dec.add_argument("--costs", type=Path, default=None, help="reuse the cost table of an earlier checkpoint")
 
     ev = sub.add_parser("eval", help="perplexity (GPTQ protocol: non-overlapping windows)")
     _add_model_arg(ev, checkpoint=True)
@@ -69,21 +144,129 @@ def _check_device(device: str) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from qpeft.io.atomic import ensure_absent
     from qpeft.models.resolve import resolve_model
-    from qpeft.models.selection import DEFAULT_TARGETS
     from qpeft.pipeline.quantize import quantize_model
     from qpeft.quant import parse_config
 
     config = parse_config(args.config)
     _check_device(args.device)
     ensure_absent(args.out)  # before the slow steps, not only when writing starts
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else DEFAULT_TARGETS
     model_dir = resolve_model(args.model)
-    manifest = quantize_model(model_dir, args.out, config, targets, args.device, source=args.model or "smollm2")
+    manifest = quantize_model(
+        model_dir, args.out, config, _targets(args.targets), args.device, source=args.model or "smollm2"
+    )
     summary = manifest["summary"]
     print(
         f"wrote {args.out}: {summary['matrices']} matrices, {summary['params']:,} parameters, "
         f"{config.name} = {summary['nominal_bits']:.3f} bits/param nominal, "
         f"{summary['bits_per_param']:.4f} stored (padding and offsets included)"
+    )
+
+
+def _check_calib(args: argparse.Namespace) -> None:
+    for flag in ("calib_sequences", "calib_seqlen", "calib_batch_size"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.calib_seqlen < 2:
+        raise QpeftError("--calib-seqlen must be at least 2 tokens")
+
+
+def _run_calibration(args: argparse.Namespace, model_dir: Path, out: Path | None = None):
+    from qpeft.pipeline.calibrate import calibrate
+
+    return calibrate(
+        model_dir,
+        _targets(args.targets),
+        args.calib,
+        args.calib_sequences,
+        args.calib_seqlen,
+        args.calib_seed,
+        args.calib_batch_size,
+        args.device,
+        args.calib_dtype,
+        out,
+    )
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from calib.batches import calibration_text
+    from qpeft.models.resolve import resolve_model
+
+    _check_calib(args)
+    _check_device(args.device)
+    if args.out.suffix != ".safetensors":
+        raise QpeftError(f"--out should name a .safetensors file, got {args.out}")
+    calibration_text(args.calib)  # fail on bad data before loading the model
+    stats, cached, hit = _run_calibration(args, resolve_model(args.model), args.out)
+    how = f"reused {cached}" if hit else f"cached as {cached}"
+    print(f"wrote {args.out}: Fisher row/column means of {len(stats.row_mean)} matrices ({how})")
+
+
+def cmd_decompose(args: argparse.Namespace) -> None:
+    import torch
+
+    from calib.batches import calibration_text
+    from qpeft.allocation.grid import parse_grid
+    from qpeft.allocation.ilp import parse_budget
+    from qpeft.io.atomic import ensure_absent
+    from qpeft.models.resolve import resolve_model
+    from qpeft.pipeline.calibrate import fisher_for
+    from qpeft.pipeline.decompose import (
+        decompose_model,
+        format_type_table,
+        init_distributed,
+        plan_matrices,
+        rank_and_world,
+    )
+
+    budget = parse_budget(args.budget)
+    if args.rank < 0:
+        raise QpeftError(f"--rank must be 0 or more, got {args.rank}")
+    if args.refine_iters < 0:
+        raise QpeftError(f"--refine-iters must be 0 or more, got {args.refine_iters}")
+    grid = parse_grid(args.configs)
+    _check_calib(args)
+    _check_device(args.device)
+    ensure_absent(args.out)
+    if args.costs is not None and not args.costs.exists():
+        raise QpeftError(f"--costs: {args.costs} does not exist")
+    if not args.no_fisher and args.fisher is None:
+        calibration_text(args.calib)
+    device = init_distributed(args.device)
+    model_dir = resolve_model(args.model)
+    names, _ = plan_matrices(model_dir, _targets(args.targets), grid, budget)  # fail before the slow stages
+    fisher = None
+    if args.fisher is not None:
+        fisher = fisher_for(args.fisher, names)
+    elif not args.no_fisher:
+        # rank 0 computes (or finds) the cached Fisher; the other ranks then read the cache
+        rank, world = rank_and_world()
+        if world > 1 and rank != 0:
+            torch.distributed.barrier()
+        fisher = _run_calibration(args, model_dir)[0]
+        if world > 1 and rank == 0:
+            torch.distributed.barrier()
+    manifest = decompose_model(
+        model_dir,
+        args.out,
+        budget,
+        args.rank,
+        _targets(args.targets),
+        grid,
+        fisher,
+        device,
+        args.seed,
+        args.resume,
+        args.costs,
+        args.refine_iters,
+        source=args.model or "smollm2",
+    )
+    if manifest is None:  # a non-zero rank of a distributed run
+        return
+    s = manifest["summary"]
+    print(format_type_table(manifest["by_type"]))
+    print(
+        f"wrote {args.out}: {s['matrices']} matrices, Q {s['bits_per_param']:.4f} bits/param "
+        f"(budget {s['budget']:g}); with L1/L2 in bf16 {s['bits_with_lowrank_bf16']:.4f}, "
+        f"as NF8 {s['bits_with_lowrank_nf8']:.4f}; heat map {args.out / 'bits_heatmap.png'}"
     )
 
 
@@ -120,7 +303,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval}
+COMMANDS = {"quantize": cmd_quantize, "calibrate": cmd_calibrate, "decompose": cmd_decompose, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

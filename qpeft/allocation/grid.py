@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from qpeft.quant import QuantConfig
+from qpeft.errors import QpeftError
+from qpeft.quant import QuantConfig, parse_config
 
 
 def lqlora_grid() -> list[QuantConfig]:
@@ -16,3 +17,21 @@ def lqlora_grid() -> list[QuantConfig]:
         for block in (16, 32, 64)
         for scale_block in (16, 64, 256)
     ]
+
+
+GRIDS = {"lqlora": lqlora_grid}
+
+
+def parse_grid(text: str) -> list[QuantConfig]:
+    """A named grid ('lqlora') or a comma-separated list of configs/presets."""
+    key = text.strip().lower()
+    if key in GRIDS:
+        return GRIDS[key]()
+    configs = [parse_config(part) for part in key.split(",") if part.strip()]
+    if not configs:
+        raise QpeftError(f"empty config grid {text!r}: name a grid ({', '.join(GRIDS)}) or list configs")
+    names = [c.name for c in configs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise QpeftError(f"the config grid lists {duplicates[0]} twice")
+    return configs

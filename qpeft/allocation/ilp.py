@@ -54,24 +54,39 @@ def pareto_configs(costs: np.ndarray, bits: np.ndarray) -> list[int]:
     return kept
 
 
-def ilp_allocate(
-    costs: np.ndarray, bits: Sequence[float], numel: Sequence[int], budget: float, time_limit: float | None = None
-) -> Allocation:
-    """Solve the allocation for a (matrices × configs) cost table."""
-    import pulp
-
-    costs = np.asarray(costs, dtype=np.float64)
-    bits_arr = np.asarray(bits, dtype=np.float64)
+def check_budget(budget: float, bits: np.ndarray, numel: Sequence[int] | np.ndarray) -> None:
+    """Error unless some choice of configs meets the budget; it names the range of
+    average bits that the configs allow. `bits`: matrices × configs."""
     numel_arr = np.asarray(numel, dtype=np.float64)
-    if costs.shape != (numel_arr.size, bits_arr.size):
-        raise ValueError(f"cost table {costs.shape} does not match {numel_arr.size} matrices × {bits_arr.size} configs")
-    total = numel_arr.sum()
-    lowest, highest = float(bits_arr.min()), float(bits_arr.max())
+    lowest = float((bits.min(axis=1) * numel_arr).sum() / numel_arr.sum())
+    highest = float((bits.max(axis=1) * numel_arr).sum() / numel_arr.sum())
     if budget < lowest - 1e-12:
         raise QpeftError(
             f"budget {budget:g} bits/param is infeasible: the configs allow averages from {lowest:.4f} to {highest:.4f}"
         )
-    fronts = [pareto_configs(costs[i], bits_arr) for i in range(numel_arr.size)]
+
+
+def ilp_allocate(
+    costs: np.ndarray,
+    bits: Sequence[float] | np.ndarray,
+    numel: Sequence[int],
+    budget: float,
+    time_limit: float | None = None,
+) -> Allocation:
+    """Solve the allocation for a (matrices × configs) cost table. `bits` is per config,
+    or per (matrix, config) for exact storage (padding and offsets included)."""
+    import pulp
+
+    costs = np.asarray(costs, dtype=np.float64)
+    numel_arr = np.asarray(numel, dtype=np.float64)
+    bits_arr = np.broadcast_to(np.asarray(bits, dtype=np.float64), costs.shape)
+    if costs.shape != (numel_arr.size, np.shape(bits)[-1]):
+        raise ValueError(
+            f"cost table {costs.shape} does not match {numel_arr.size} matrices × {np.shape(bits)[-1]} configs"
+        )
+    total = numel_arr.sum()
+    check_budget(budget, bits_arr, numel_arr)
+    fronts = [pareto_configs(costs[i], bits_arr[i]) for i in range(numel_arr.size)]
     # normalise costs so CBC's tolerances mean the same thing at every model scale
     scale = max(float(np.abs(costs).max()), 1e-300)
     problem = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
@@ -79,12 +94,12 @@ def ilp_allocate(
     problem += pulp.lpSum(costs[i, j] / scale * var for (i, j), var in x.items())
     for i, front in enumerate(fronts):
         problem += pulp.lpSum(x[i, j] for j in front) == 1
-    problem += pulp.lpSum(bits_arr[j] * numel_arr[i] / total * var for (i, j), var in x.items()) <= budget
+    problem += pulp.lpSum(bits_arr[i, j] * numel_arr[i] / total * var for (i, j), var in x.items()) <= budget
     solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=1e-9)
     problem.solve(solver)
     status = pulp.LpStatus[problem.status]
     if status != "Optimal":
         raise QpeftError(f"the allocation solver ended with status {status}")
     choice = [max(front, key=lambda j, i=i: x[i, j].value() or 0.0) for i, front in enumerate(fronts)]
-    chosen_bits = float(sum(bits_arr[j] * numel_arr[i] for i, j in enumerate(choice)) / total)
+    chosen_bits = float(sum(bits_arr[i, j] * numel_arr[i] for i, j in enumerate(choice)) / total)
     return Allocation(choice, float(sum(costs[i, j] for i, j in enumerate(choice))), chosen_bits, len(x), status)

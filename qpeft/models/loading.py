@@ -60,6 +60,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, device: str 
             linear.bias is not None,
             "meta",
             dtype,
+            rank=entry.get("rank", 0),
         )
         model.set_submodule(name, module)
     quantized_parts = {f"{name}.{part}" for name in quantized for part in PART_NAMES}

@@ -1,0 +1,1 @@
+"""Calibration statistics (Fisher information) for data-aware decomposition."""

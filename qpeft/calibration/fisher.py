@@ -1,0 +1,147 @@
+"""Empirical Fisher diagonal of the selected matrices, reduced to rows and columns.
+
+F_ij = mean over calibration sequences s of (∂ℓ_s/∂W_ij)², ℓ_s the mean next-token
+NLL of sequence s (LQ-LoRA §3.3). The weighted decomposition needs only
+r_i = √(mean_j F_ij) and c_j = √(mean_i F_ij), so only the row and column means are
+kept, accumulated in fp32.
+
+Per-sequence gradients come from hooks, not from parameter .grad: for y = x·Wᵀ the
+gradient of sequence s is Σ_t g_st·x_stᵀ = G_sᵀX_s (G the output gradients, X the
+inputs), one batched matmul per layer. No parameter requires grad (the backward
+starts from the input embeddings), so batches of sequences cost one forward and one
+backward, and no full-size gradient is ever stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from qpeft.errors import QpeftError
+from qpeft.io.atomic import atomic_file
+
+METADATA_KEY = "qpeft_fisher"
+
+
+@dataclass
+class FisherStats:
+    """Row and column means of the Fisher diagonal of each selected matrix."""
+
+    row_mean: dict[str, torch.Tensor]  # name → (d_out,)
+    col_mean: dict[str, torch.Tensor]  # name → (d_in,)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, c) = (√row means, √column means) of matrix `name`, for the weighted SVD."""
+        if name not in self.row_mean:
+            raise QpeftError(f"the Fisher statistics have no entry for {name}")
+        return self.row_mean[name].sqrt(), self.col_mean[name].sqrt()
+
+
+class _PerSequenceGradients:
+    """Hooks that add each sequence's squared weight gradient, summed over rows and
+    over columns, into fp32 accumulators."""
+
+    def __init__(self, modules: dict[str, nn.Linear], device: torch.device) -> None:
+        self.row_sum = {n: torch.zeros(m.out_features, device=device) for n, m in modules.items()}
+        self.col_sum = {n: torch.zeros(m.in_features, device=device) for n, m in modules.items()}
+        self.handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in modules.items()]
+
+    def _forward_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            inputs = args[0].detach()
+            if output.requires_grad:
+                output.register_hook(lambda grad: self._accumulate(name, inputs, grad))
+
+        return hook
+
+    def _accumulate(self, name: str, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+        x = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).float()
+        g = grad.reshape(grad.shape[0], -1, grad.shape[-1]).float()
+        squared = torch.bmm(g.transpose(1, 2), x).square_()  # (batch, d_out, d_in)
+        self.row_sum[name] += squared.sum(dim=(0, 2))
+        self.col_sum[name] += squared.sum(dim=(0, 1))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def empirical_fisher(
+    model: nn.Module,
+    names: Sequence[str],
+    batches: torch.Tensor,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> FisherStats:
+    """Fisher row/column means of the linear layers `names` of a causal LM, over
+    the rows of `batches` (num_sequences × seqlen token ids), on the model's device."""
+    device = next(model.parameters()).device
+    modules = {name: model.get_submodule(name) for name in names}
+    for name, module in modules.items():
+        if not isinstance(module, nn.Linear):
+            raise QpeftError(f"{name} is not a linear layer")
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    accumulators = _PerSequenceGradients(modules, device)
+    embed = model.get_input_embeddings()
+    num_sequences = batches.shape[0]
+    try:
+        with tqdm(total=num_sequences, desc="fisher", unit="seq", disable=not progress) as bar:
+            for start in range(0, num_sequences, batch_size):
+                ids = batches[start : start + batch_size].to(device)
+                embeds = embed(ids).detach().requires_grad_(True)
+                logits = model(inputs_embeds=embeds, use_cache=False).logits[:, :-1]
+                nll = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+                # the sum of per-sequence mean losses: each sequence's gradient unscaled
+                nll.view(ids.shape[0], -1).mean(dim=1).sum().backward()
+                bar.update(ids.shape[0])
+    finally:
+        accumulators.remove()
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
+    row_mean = {n: (s / (num_sequences * modules[n].in_features)).cpu() for n, s in accumulators.row_sum.items()}
+    col_mean = {n: (s / (num_sequences * modules[n].out_features)).cpu() for n, s in accumulators.col_sum.items()}
+    return FisherStats(row_mean, col_mean, {"sequences": num_sequences, "seqlen": int(batches.shape[1])})
+
+
+def save_fisher(path: Path, stats: FisherStats) -> None:
+    """Write the statistics (and their settings as metadata) atomically."""
+    tensors = {f"{n}.row_mean": t.contiguous() for n, t in stats.row_mean.items()}
+    tensors |= {f"{n}.col_mean": t.contiguous() for n, t in stats.col_mean.items()}
+    with atomic_file(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(stats.metadata, sort_keys=True)})
+
+
+def load_fisher(path: Path) -> FisherStats:
+    path = Path(path)
+    if not path.is_file():
+        raise QpeftError(f"Fisher file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = json.loads((handle.metadata() or {}).get(METADATA_KEY, "null"))
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise QpeftError(f"cannot read the Fisher file {path}: {exc}") from exc
+    if metadata is None:
+        raise QpeftError(f"{path} is not a qpeft Fisher file (no {METADATA_KEY} metadata)")
+    row = {k.removesuffix(".row_mean"): v for k, v in tensors.items() if k.endswith(".row_mean")}
+    col = {k.removesuffix(".col_mean"): v for k, v in tensors.items() if k.endswith(".col_mean")}
+    return FisherStats(row, col, metadata)
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """A short stable digest of JSON-able settings (cache file names)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]

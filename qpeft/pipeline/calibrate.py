@@ -1,0 +1,94 @@
+"""Fisher calibration of a model, cached by model + data + settings."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import struct
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from calib.batches import calibration_batches, calibration_text
+from qpeft.calibration.fisher import FisherStats, empirical_fisher, load_fisher, save_fisher, settings_key
+from qpeft.errors import QpeftError
+from qpeft.models.resolve import cache_dir
+from qpeft.models.selection import select_linear
+from qpeft.quant.blockwise import TORCH_DTYPES
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Digest of config.json and each safetensors shard's name, size and header (the
+    tensor names, dtypes, shapes and offsets): cheap even for a 70B model, and it
+    changes when the weights are replaced by others of a different layout or size."""
+    digest = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        with shard.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            digest.update(shard.name.encode() + struct.pack("<Q", shard.stat().st_size) + handle.read(header_len))
+    return digest.hexdigest()[:20]
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def calibrate(
+    model_dir: Path,
+    targets: Sequence[str],
+    data: str = "wikitext2",
+    num_sequences: int = 64,
+    seqlen: int = 512,
+    seed: int = 0,
+    batch_size: int = 4,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    out: Path | None = None,
+) -> tuple[FisherStats, Path, bool]:
+    """Fisher statistics of the selected layers: (stats, file, whether it came from
+    the cache). The cache ($QPEFT_CACHE/fisher) is keyed by everything that changes
+    the result; `out` also gets a copy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qpeft.eval.perplexity import tokenize
+    from qpeft.models.loading import build_skeleton
+
+    text, data_name = calibration_text(data)
+    names = select_linear(build_skeleton(model_dir), targets)
+    settings: dict[str, Any] = {
+        "model": model_fingerprint(model_dir),
+        "data": data_name,
+        "data_sha256": text_digest(text),
+        "sequences": num_sequences,
+        "seqlen": seqlen,
+        "seed": seed,
+        "dtype": dtype,
+        "targets": list(targets),
+    }
+    cached = cache_dir() / "fisher" / f"{settings_key(settings)}.safetensors"
+    hit = cached.is_file()
+    if hit:
+        stats = load_fisher(cached)
+    else:
+        ids = tokenize(AutoTokenizer.from_pretrained(model_dir), text)
+        batches = calibration_batches(ids, num_sequences, seqlen, seed)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype]).to(device)
+        start = time.perf_counter()
+        stats = empirical_fisher(model, names, batches, batch_size)
+        stats.metadata = {**settings, "seconds": round(time.perf_counter() - start, 1), "device": device}
+        del model
+        save_fisher(cached, stats)
+    if out is not None and Path(out).resolve() != cached.resolve():
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached, out)
+    return stats, cached, hit
+
+
+def fisher_for(path: Path, names: Sequence[str]) -> FisherStats:
+    """Load a Fisher file and check it covers every selected matrix."""
+    stats = load_fisher(path)
+    missing = [n for n in names if n not in stats.row_mean]
+    if missing:
+        raise QpeftError(f"{path} has no Fisher statistics for {len(missing)} selected matrices, e.g. {missing[0]}")
+    return stats

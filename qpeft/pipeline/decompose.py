@@ -1,0 +1,518 @@
+"""LQ-LoRA decomposition of a model under a bit budget (Guo et al. 2024).
+
+Stages, each streaming the selected matrices one at a time from safetensors:
+
+1. Fisher row/column statistics from calibration data (optional, cached).
+2. Cost table: cost(matrix, config) for every matrix and candidate config
+   (`qpeft.allocation.costs`). Rows are appended to `OUT.work/costs-RANK.jsonl` as
+   they finish, so `--resume` after a crash skips finished matrices. Under
+   torch.distributed (torchrun / accelerate launch) rank k takes matrices k, k+W, ...
+3. ILP (rank 0): one config per matrix, Σ bits·numel ≤ budget·Σ numel.
+4. Final split of each matrix under its config, written as a qpeft checkpoint:
+   Q as packed parts, L1/L2 in bf16, the rest of the model copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import qpeft
+from qpeft.allocation.costs import matrix_costs
+from qpeft.allocation.ilp import check_budget, ilp_allocate
+from qpeft.calibration.fisher import FisherStats
+from qpeft.decompose.lqlora import lq_decompose, weighted_error
+from qpeft.errors import QpeftError
+from qpeft.io.atomic import atomic_directory, atomic_file
+from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, write_manifest
+from qpeft.models.loading import build_skeleton
+from qpeft.models.resolve import copy_model_files
+from qpeft.models.selection import select_linear
+from qpeft.models.weights import SafetensorsWeights
+from qpeft.quant import PRESETS, QuantConfig, dequantize, storage_bits
+
+LOWRANK_DTYPE = torch.bfloat16
+COST_TABLE_NAME = "cost_table.json"
+HEATMAP_NAME = "bits_heatmap.png"
+
+
+@dataclass
+class DecomposeSettings:
+    """Everything that determines the cost table (checked on --resume / --costs)."""
+
+    model: str  # fingerprint of the model's weights
+    targets: list[str]
+    rank: int
+    grid: list[str]  # config names
+    fisher: dict[str, Any] | None  # the Fisher file's settings, or None
+    seed: int = 0
+    max_iters: int = 20
+    rel_tol: float = 1e-3
+    refine_iters: int = 2
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class CostTable:
+    names: list[str]
+    shapes: list[tuple[int, int]]
+    configs: list[str]
+    costs: np.ndarray  # matrices × configs
+    seconds: float = 0.0
+    resumed: int = 0  # matrices found finished in the work directory
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size): from an initialised torch.distributed group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> str:
+    """Join the process group when launched by torchrun / accelerate launch (WORLD_SIZE
+    > 1): gloo on CPU, NCCL on GPUs. Returns this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or not torch.distributed.is_available():
+        return device
+    cuda = torch.device(device).type == "cuda"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else device
+
+
+def _barrier() -> None:
+    if rank_and_world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def work_dir_for(out: Path) -> Path:
+    return Path(f"{out}.work")
+
+
+def _read_rows(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished rows of a cost shard; a torn last line (crash mid-write) is ignored."""
+    rows: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows[row["name"]] = row
+    return rows
+
+
+def prepare_work_dir(work: Path, settings: DecomposeSettings, resume: bool) -> None:
+    """Create the work directory, or check that the one being resumed matches."""
+    settings_file = work / "settings.json"
+    if work.exists() and not resume:
+        done = sum(len(_read_rows(p)) for p in work.glob("costs-*.jsonl"))
+        raise QpeftError(
+            f"{work} holds an interrupted run ({done} matrices costed): pass --resume to continue it, or remove it"
+        )
+    if work.exists():
+        try:
+            previous = json.loads(settings_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise QpeftError(f"cannot resume from {work}: {exc}") from exc
+        current = settings.as_dict()
+        changed = sorted(k for k in current.keys() | previous.keys() if current.get(k) != previous.get(k))
+        if changed:
+            raise QpeftError(f"cannot resume from {work}: the run was started with other {', '.join(changed)}")
+        return
+    work.mkdir(parents=True)
+    with atomic_file(settings_file) as tmp:
+        tmp.write_text(json.dumps(settings.as_dict(), indent=1))
+
+
+def compute_cost_table(
+    model_dir: Path,
+    names: Sequence[str],
+    grid: Sequence[QuantConfig],
+    settings: DecomposeSettings,
+    fisher: FisherStats | None,
+    work: Path,
+    device: str,
+) -> CostTable | None:
+    """This rank's share of the cost table, appended row by row to the work directory;
+    rank 0 returns the whole table once every rank has finished (others None)."""
+    rank, world = rank_and_world()
+    start = time.perf_counter()
+    shard = work / f"costs-{rank}.jsonl"
+    finished = {}
+    for path in work.glob("costs-*.jsonl"):
+        finished |= _read_rows(path)
+    mine = [n for i, n in enumerate(names) if i % world == rank]
+    todo = {f"{n}.weight": n for n in mine if n not in finished}
+    weights = SafetensorsWeights(model_dir)
+    with (
+        shard.open("a") as out,
+        tqdm(total=len(mine), initial=len(mine) - len(todo), desc="cost table", unit="matrix") as bar,
+    ):
+        for key, tensor in weights.items():
+            if key not in todo:
+                continue
+            name = todo[key]
+            w = tensor.to(device).float()
+            row_w, col_w = (None, None) if fisher is None else (t.to(device) for t in fisher.weights(name))
+            costs = matrix_costs(
+                w,
+                grid,
+                settings.rank,
+                row_w,
+                col_w,
+                settings.seed,
+                settings.max_iters,
+                settings.rel_tol,
+                settings.refine_iters,
+            )
+            out.write(json.dumps({"name": name, "shape": list(w.shape), "costs": costs.tolist()}) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update()
+    _barrier()
+    if rank != 0:
+        return None
+    rows = {}
+    for path in work.glob("costs-*.jsonl"):
+        rows |= _read_rows(path)
+    missing = [n for n in names if n not in rows]
+    if missing:
+        raise QpeftError(f"the cost table lacks {len(missing)} matrices, e.g. {missing[0]}")
+    return CostTable(
+        list(names),
+        [tuple(rows[n]["shape"]) for n in names],
+        [c.name for c in grid],
+        np.array([rows[n]["costs"] for n in names]),
+        time.perf_counter() - start,
+        sum(n in finished for n in names),
+        settings.as_dict(),
+    )
+
+
+def save_cost_table(path: Path, table: CostTable) -> None:
+    body = {
+        "settings": table.settings,
+        "configs": table.configs,
+        "matrices": [
+            {"name": n, "shape": list(s), "costs": c.tolist()}
+            for n, s, c in zip(table.names, table.shapes, table.costs, strict=True)
+        ],
+    }
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(body))
+
+
+def load_cost_table(path: Path, settings: DecomposeSettings) -> CostTable:
+    """A finished cost table (a checkpoint's cost_table.json, or the checkpoint
+    directory), checked against the current settings."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / COST_TABLE_NAME
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QpeftError(f"cannot read the cost table {path}: {exc}") from exc
+    current = settings.as_dict()
+    changed = sorted(k for k in current if current[k] != body["settings"].get(k))
+    if changed:
+        raise QpeftError(f"the cost table {path} was computed with other {', '.join(changed)}")
+    rows = body["matrices"]
+    return CostTable(
+        [r["name"] for r in rows],
+        [tuple(r["shape"]) for r in rows],
+        body["configs"],
+        np.array([r["costs"] for r in rows]),
+        settings=body["settings"],
+    )
+
+
+def storage_bits_table(grid: Sequence[QuantConfig], numel: Sequence[int]) -> np.ndarray:
+    """Exact stored bits per parameter (padding and offsets included), matrices × configs."""
+    return np.array([[storage_bits(c, n) / n for c in grid] for n in numel])
+
+
+def lowrank_bits(rank: int, shape: tuple[int, int], nf8: bool) -> int:
+    """Bits of L1 (d_out × r) and L2 (r × d_in): bf16, or NF8 (nf8-b64-s8x256-fp32)."""
+    rows, cols = shape
+    if nf8:
+        return storage_bits(PRESETS["nf8"], rows * rank) + storage_bits(PRESETS["nf8"], rank * cols)
+    return 16 * rank * (rows + cols)
+
+
+def _split_matrix(
+    weight: torch.Tensor,
+    config: QuantConfig,
+    settings: DecomposeSettings,
+    fisher: FisherStats | None,
+    name: str,
+    writer: ShardWriter,
+) -> dict[str, Any]:
+    w = weight.float()
+    row_w, col_w = (None, None) if fisher is None else (t.to(w.device) for t in fisher.weights(name))
+    result = lq_decompose(w, config, settings.rank, row_w, col_w, settings.max_iters, settings.rel_tol, settings.seed)
+    for part, value in result.quantized.tensors().items():
+        writer.add(f"{name}.{part}", value)
+    recon = dequantize(result.quantized)
+    if settings.rank:
+        left, right = result.left.to(LOWRANK_DTYPE), result.right.to(LOWRANK_DTYPE)
+        writer.add(f"{name}.lowrank_left", left)
+        writer.add(f"{name}.lowrank_right", right)
+        recon += left.float() @ right.float()  # the factors as stored
+    diff = w - recon
+    norm = float(torch.linalg.norm(w)) or 1.0
+    entry: dict[str, Any] = {
+        "config": config.name,
+        "shape": list(w.shape),
+        "rank": settings.rank,
+        "bits": storage_bits(config, w.numel()) / w.numel(),
+        "rel_error": float(torch.linalg.norm(diff)) / norm,
+        "iterations": result.iterations,
+    }
+    if row_w is not None:
+        entry["weighted_rel_error"] = weighted_error(diff, row_w, col_w) / (weighted_error(w, row_w, col_w) or 1.0)
+    return entry
+
+
+def summarise(matrices: dict[str, Any], rank: int) -> dict[str, float]:
+    numel = sum(m["shape"][0] * m["shape"][1] for m in matrices.values())
+    q_bits = sum(m["bits"] * m["shape"][0] * m["shape"][1] for m in matrices.values())
+    bf16 = sum(lowrank_bits(rank, tuple(m["shape"]), False) for m in matrices.values())
+    nf8 = sum(lowrank_bits(rank, tuple(m["shape"]), True) for m in matrices.values())
+    return {
+        "matrices": len(matrices),
+        "params": numel,
+        "bits_per_param": q_bits / numel,
+        "bits_with_lowrank_bf16": (q_bits + bf16) / numel,
+        "bits_with_lowrank_nf8": (q_bits + nf8) / numel,
+    }
+
+
+def layer_type(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def layer_index(name: str) -> int | None:
+    parts = [p for p in name.split(".") if p.isdigit()]
+    return int(parts[0]) if parts else None
+
+
+def type_table(matrices: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per layer type: matrices, the most used configs, mean bits, mean errors."""
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for name, entry in matrices.items():
+        by_type.setdefault(layer_type(name), []).append(entry)
+    rows = []
+    for kind, entries in by_type.items():
+        numel = [e["shape"][0] * e["shape"][1] for e in entries]
+        counts = Counter(e["config"] for e in entries).most_common(2)
+        row = {
+            "type": kind,
+            "matrices": len(entries),
+            "configs": ", ".join(f"{c}×{k}" for c, k in counts)
+            + (" …" if len(set(e["config"] for e in entries)) > 2 else ""),
+            "bits": sum(e["bits"] * n for e, n in zip(entries, numel, strict=True)) / sum(numel),
+            "rel_error": float(np.mean([e["rel_error"] for e in entries])),
+        }
+        if "weighted_rel_error" in entries[0]:
+            row["weighted_rel_error"] = float(np.mean([e["weighted_rel_error"] for e in entries]))
+        rows.append(row)
+    return rows
+
+
+def format_type_table(rows: list[dict[str, Any]]) -> str:
+    weighted = "weighted_rel_error" in rows[0]
+    head = f"{'type':<10} {'n':>4} {'bits':>7} {'rel err':>9}" + (f" {'F-rel err':>9}" if weighted else "")
+    lines = [head + "  configs (most used)"]
+    for r in rows:
+        line = f"{r['type']:<10} {r['matrices']:>4} {r['bits']:>7.3f} {r['rel_error']:>9.4f}"
+        if weighted:
+            line += f" {r['weighted_rel_error']:>9.4f}"
+        lines.append(line + "  " + r["configs"])
+    return "\n".join(lines)
+
+
+def bits_heatmap(matrices: dict[str, Any], path: Path, title: str) -> None:
+    """PNG: bits per parameter of each matrix, layers × matrix types."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    types = list(dict.fromkeys(layer_type(n) for n in matrices))
+    layers = sorted({layer_index(n) for n in matrices if layer_index(n) is not None})
+    grid = np.full((len(layers), len(types)), np.nan)
+    for name, entry in matrices.items():
+        index = layer_index(name)
+        if index is not None:
+            grid[layers.index(index), types.index(layer_type(name))] = entry["bits"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(types) + 2, 0.25 * len(layers) + 1.8))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(types)), types, rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="bits per parameter")
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plan_matrices(
+    model_dir: Path, targets: Sequence[str], grid: Sequence[QuantConfig], budget: float
+) -> tuple[list[str], list[int]]:
+    """The selected matrices and their sizes; errors (before any slow stage) if one is
+    missing from the weights or the budget cannot be met."""
+    skeleton = build_skeleton(model_dir)
+    names = select_linear(skeleton, targets)
+    weight_map = SafetensorsWeights(model_dir).weight_map
+    absent = [n for n in names if f"{n}.weight" not in weight_map]
+    if absent:
+        raise QpeftError(f"{model_dir}: selected weights not in the checkpoint: {absent[:3]}")
+    numel = [skeleton.get_submodule(n).weight.numel() for n in names]
+    check_budget(budget, storage_bits_table(grid, numel), numel)
+    return names, numel
+
+
+def _fisher_settings(fisher: FisherStats | None) -> dict[str, Any] | None:
+    """The Fisher's identity: its settings, not how long or where it ran."""
+    if fisher is None:
+        return None
+    return {k: v for k, v in fisher.metadata.items() if k not in ("seconds", "device")}
+
+
+def decompose_model(
+    model_dir: Path,
+    out_dir: Path,
+    budget: float,
+    rank: int,
+    targets: Sequence[str],
+    grid: Sequence[QuantConfig],
+    fisher: FisherStats | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    resume: bool = False,
+    costs_from: Path | None = None,
+    refine_iters: int = 2,
+    source: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict[str, Any] | None:
+    """Run stages 2–4 (the Fisher is given) and write the checkpoint to `out_dir`.
+    Returns the manifest on rank 0, None on the other ranks."""
+    from qpeft.pipeline.calibrate import model_fingerprint
+
+    rank_id, world = rank_and_world()
+    started = time.perf_counter()
+    weights = SafetensorsWeights(model_dir)
+    names, numel = plan_matrices(model_dir, targets, grid, budget)
+    settings = DecomposeSettings(
+        model_fingerprint(model_dir),
+        list(targets),
+        rank,
+        [c.name for c in grid],
+        _fisher_settings(fisher),
+        seed,
+        refine_iters=refine_iters,
+    )
+    work = work_dir_for(out_dir)
+    if costs_from is not None:
+        table = load_cost_table(costs_from, settings) if rank_id == 0 else None
+    else:
+        if rank_id == 0:
+            prepare_work_dir(work, settings, resume)
+        _barrier()
+        table = compute_cost_table(model_dir, names, grid, settings, fisher, work, device)
+    if table is None:
+        return None
+    if table.names != list(names):
+        raise QpeftError("the cost table's matrices are not the selected ones")
+
+    solve_start = time.perf_counter()
+    allocation = ilp_allocate(table.costs, storage_bits_table(grid, numel), numel, budget)
+    solve_seconds = time.perf_counter() - solve_start
+    chosen = {name: grid[j] for name, j in zip(names, allocation.choice, strict=True)}
+
+    write_start = time.perf_counter()
+    selected = {f"{n}.weight": n for n in names}
+    matrices: dict[str, Any] = {}
+    with atomic_directory(out_dir) as tmp:
+        copy_model_files(model_dir, tmp)
+        writer = ShardWriter(tmp, max_shard_bytes)
+        with tqdm(total=len(weights.weight_map), desc="write", unit="tensor") as bar:
+            for key, tensor in weights.items():
+                bar.update()
+                if key not in selected:
+                    writer.add(key, tensor)
+                    continue
+                name = selected[key]
+                matrices[name] = _split_matrix(tensor.to(device), chosen[name], settings, fisher, name, writer)
+                matrices[name]["table_cost"] = float(
+                    table.costs[names.index(name), allocation.choice[names.index(name)]]
+                )
+        writer.flush()
+        matrices = {n: matrices[n] for n in names}
+        save_cost_table(tmp / COST_TABLE_NAME, table)
+        summary = summarise(matrices, rank) | {
+            "budget": budget,
+            "ilp_objective": allocation.cost,
+            "ilp_average_bits": allocation.average_bits,
+            "ilp_variables": allocation.kept_variables,
+        }
+        title = f"{source or model_dir}: budget {budget:g}, rank {rank}, " + ("Fisher" if fisher else "no Fisher")
+        bits_heatmap(matrices, tmp / HEATMAP_NAME, title)
+        manifest = {
+            "method": "lqlora",
+            "base_model": {"path": str(model_dir), "source": source or str(model_dir), "fingerprint": settings.model},
+            "targets": list(targets),
+            "settings": settings.as_dict() | {"budget": budget, "grid_size": len(grid)},
+            "fisher": fisher.metadata if fisher else None,
+            "quantized": matrices,
+            "summary": summary,
+            "by_type": type_table(matrices),
+            "weight_map": writer.weight_map,
+            "provenance": _provenance(device, world)
+            | {
+                "cost_table_seconds": round(table.seconds, 2),
+                "cost_table_resumed_matrices": table.resumed,
+                "cost_table_from": str(costs_from) if costs_from else None,
+                "ilp_seconds": round(solve_seconds, 2),
+                "write_seconds": round(time.perf_counter() - write_start, 2),
+                "seconds": round(time.perf_counter() - started, 2),
+            },
+        }
+        write_manifest(tmp, manifest)  # last: a directory without it is not a checkpoint
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _provenance(device: str, world: int) -> dict[str, Any]:
+    import pulp
+    import transformers
+
+    return {
+        "qpeft": qpeft.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pulp": pulp.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "processes": world,
+    }
