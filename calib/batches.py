@@ -13,7 +13,7 @@ import torch
 from calib import dataset_path
 from qpeft.errors import QpeftError
 
-DEFAULT_SEQUENCES = 64
+DEFAULT_SEQUENCES = 32
 DEFAULT_SEQLEN = 512
 
 

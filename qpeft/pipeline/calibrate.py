@@ -38,7 +38,7 @@ def calibrate(
     model_dir: Path,
     targets: Sequence[str],
     data: str = "wikitext2",
-    num_sequences: int = 64,
+    num_sequences: int = 32,
     seqlen: int = 512,
     seed: int = 0,
     batch_size: int = 4,
