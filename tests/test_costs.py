@@ -1,0 +1,105 @@
+"""The cost table: shared pricing of scale formats, refinement, weights, exact-bit ILP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qpeft.allocation.costs import element_weights, group_configs, matrix_costs, scale_format_errors
+from qpeft.allocation.grid import lqlora_grid, parse_grid
+from qpeft.allocation.ilp import ilp_allocate, pareto_configs
+from qpeft.errors import QpeftError
+from qpeft.quant import dequantize, parse_config, quantize
+from qpeft.quant.blockwise import simulate
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (37, 29)])
+def test_simulate_is_dequantize_of_quantize(shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape) * 0.05
+    for config in [*lqlora_grid()[::11], parse_config("nf4-b64-fp16")]:
+        assert torch.equal(simulate(w, config), dequantize(quantize(w, config))), config.name
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_scale_format_errors_equal_direct_errors(weighted):
+    torch.manual_seed(1)
+    x = torch.randn(40, 96) * 0.1
+    weights = torch.rand(40, 96) if weighted else None
+    group = [c for c in lqlora_grid() if (c.bits, c.block_size) == (3, 32)]
+    fast = scale_format_errors(x, group, weights)
+    for config, value in zip(group, fast, strict=True):
+        diff = (x - simulate(x, config)).square()
+        direct = float((diff * weights).sum() if weighted else diff.sum())
+        assert value == pytest.approx(direct, rel=1e-5), config.name
+    with pytest.raises(ValueError, match="share code bits and block size"):
+        scale_format_errors(x, [parse_config("nf3"), parse_config("nf4")])
+
+
+def test_element_weights_keep_the_fisher_mass_and_a_rank_one_fisher():
+    a, b = torch.rand(12) + 0.1, torch.rand(20) + 0.1
+    fisher = torch.outer(a, b)
+    r, c = fisher.mean(dim=1).sqrt(), fisher.mean(dim=0).sqrt()
+    torch.testing.assert_close(element_weights((12, 20), r, c), fisher)
+    assert element_weights((12, 20), None, None) is None
+
+
+def test_groups_share_bits_and_block_and_start_with_the_finest_scales():
+    grid = lqlora_grid()
+    groups = group_configs(grid)
+    assert len(groups) == 12 and sorted(j for g in groups for j in g) == list(range(432))
+    for group in groups:
+        assert len({(grid[j].bits, grid[j].block_size) for j in group}) == 1
+        assert grid[group[0]].bits_per_param == max(grid[j].bits_per_param for j in group)
+
+
+def test_rank_zero_costs_are_plain_quantization_errors():
+    torch.manual_seed(2)
+    w = torch.randn(32, 64) * 0.02
+    grid = lqlora_grid()[::17]
+    costs = matrix_costs(w, grid, rank=0)
+    direct = [float((w - simulate(w, c)).square().sum()) for c in grid]
+    np.testing.assert_allclose(costs, direct, rtol=1e-5)
+
+
+def test_refinement_only_lowers_costs_and_refines_the_front():
+    torch.manual_seed(3)
+    w = torch.randn(64, 96) * 0.02 + 0.01 * torch.randn(64, 4) @ torch.randn(4, 96)
+    r, c = torch.rand(64) + 0.5, torch.rand(96) + 0.5
+    grid = lqlora_grid()[::5]
+    shared = matrix_costs(w, grid, rank=4, row_weight=r, col_weight=c, refine_iters=0)
+    refined = matrix_costs(w, grid, rank=4, row_weight=r, col_weight=c)
+    everything = matrix_costs(w, grid, rank=4, row_weight=r, col_weight=c, refine_all=True)
+    assert np.all(refined <= shared) and np.all(everything <= shared)
+    assert np.any(refined < shared * 0.999)
+    bits = np.array([g.bits_per_param for g in grid])
+    # the configs the allocation can pick were all refined as if every config had been
+    for j in pareto_configs(refined, bits):
+        assert refined[j] == pytest.approx(everything[j], rel=1e-9)
+    # and a cost is the decomposition's weighted squared error, F̂ = r²c²/mean(F)
+    quant_only = matrix_costs(w, grid[:1], rank=0, row_weight=r, col_weight=c)[0]
+    weights = element_weights((64, 96), r, c)
+    expected = float(((w - simulate(w, grid[0])).square() * weights).sum())
+    assert quant_only == pytest.approx(expected, rel=1e-5)
+
+
+def test_ilp_with_exact_bits_meets_the_budget():
+    rng = np.random.default_rng(0)
+    costs = rng.random((6, 3)) * np.array([4.0, 2.0, 1.0])
+    bits = np.array([[2.1, 3.1, 4.1]] * 6) + rng.random((6, 1)) * 0.01
+    numel = [100, 200, 300, 100, 50, 500]
+    result = ilp_allocate(costs, bits, numel, 3.0)
+    achieved = sum(bits[i, j] * numel[i] for i, j in enumerate(result.choice)) / sum(numel)
+    assert achieved <= 3.0 + 1e-9 and result.average_bits == pytest.approx(achieved)
+    with pytest.raises(QpeftError, match=r"the configs allow averages from 2\.10"):
+        ilp_allocate(costs, bits, numel, 2.0)
+
+
+def test_parse_grid():
+    assert len(parse_grid("lqlora")) == 432
+    assert [c.name for c in parse_grid("nf3, nf4-b32-s8x256-fp16")] == ["nf3-b64-s8x256-fp32", "nf4-b32-s8x256-fp16"]
+    with pytest.raises(QpeftError, match="lists nf3-b64-s8x256-fp32 twice"):
+        parse_grid("nf3,nf3-b64-s8x256-fp32")
+    with pytest.raises(QpeftError, match="unknown quantization config 'nf5'"):
+        parse_grid("nf5")

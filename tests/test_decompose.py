@@ -1,0 +1,187 @@
+"""`qpeft decompose`: checkpoint contents, eval, errors, resume after a kill, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qpeft.io.checkpoint import read_manifest
+from qpeft.models.loading import load_checkpoint
+from qpeft.quant import dequantize
+from tests.test_cli import assert_one_line_error, run
+
+SMALL_GRID = "nf2-b64-s8x256-fp16,nf3-b64-s8x256-fp16,nf3-b32-s4x64-fp16,nf4-b64-s8x256-fp16,nf8-b64-s8x256-fp32"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def decompose(capsys, model, out, *extra):
+    return run(capsys, "decompose", model, "--out", out, *extra)
+
+
+def test_decompose_writes_a_checkpoint_that_eval_loads(tiny_model_dir, tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "lq"
+    code, stdout, err = decompose(
+        capsys, tiny_model_dir, out, "--budget", "3bits", "--rank", 4, "--no-fisher", "--configs", SMALL_GRID
+    )
+    assert code == 0, err
+    assert "q_proj" in stdout and "with L1/L2 in bf16" in stdout
+    manifest = read_manifest(out)
+    summary = manifest["summary"]
+    assert summary["bits_per_param"] <= 3.0 and summary["bits_with_lowrank_bf16"] > summary["bits_with_lowrank_nf8"]
+    assert manifest["settings"]["grid"] == SMALL_GRID.split(",") and manifest["fisher"] is None
+    assert (out / "bits_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not Path(f"{out}.work").exists()  # the work directory goes once the checkpoint is written
+    # forward = dequant(Q) + L1·L2, the reconstruction the manifest's error describes
+    model = load_checkpoint(out)
+    name = "model.layers.0.mlp.down_proj"
+    layer = model.get_submodule(name)
+    weight = dequantize(layer.quantized) + layer.lowrank_left @ layer.lowrank_right
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-4, atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_submodule(name).weight
+    rel = float(torch.linalg.norm(original - weight) / torch.linalg.norm(original))
+    assert rel == pytest.approx(manifest["quantized"][name]["rel_error"], rel=1e-4)
+    code, stdout, _ = run(capsys, "eval", out, "--text-file", tiny_text_file, "--seqlen", 64, "--json")
+    assert code == 0 and json.loads(stdout.splitlines()[-1])["ppl"] > 1
+    # the cost table is reusable: another budget without recomputing it
+    code, _, err = decompose(
+        capsys,
+        tiny_model_dir,
+        tmp_path / "lq2",
+        "--budget",
+        "2.5",
+        "--rank",
+        4,
+        "--no-fisher",
+        "--configs",
+        SMALL_GRID,
+        "--costs",
+        out,
+    )
+    assert code == 0, err
+    second = read_manifest(tmp_path / "lq2")
+    assert second["summary"]["bits_per_param"] <= 2.5 < summary["bits_per_param"]
+    assert second["provenance"]["cost_table_from"] == str(out)
+
+
+def test_fisher_weighted_ilp_only(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ilp"
+    code, stdout, err = decompose(
+        capsys,
+        tiny_model_dir,
+        out,
+        "--budget",
+        "2.75",
+        "--rank",
+        0,
+        "--configs",
+        SMALL_GRID,
+        "--calib-sequences",
+        2,
+        "--calib-seqlen",
+        32,
+    )
+    assert code == 0, err
+    manifest = read_manifest(out)
+    assert manifest["fisher"]["sequences"] == 2 and manifest["fisher"]["data"] == "wikitext2:valid"
+    entry = next(iter(manifest["quantized"].values()))
+    assert entry["rank"] == 0 and "weighted_rel_error" in entry and "F-rel err" in stdout
+    s = manifest["summary"]
+    assert s["bits_per_param"] == s["bits_with_lowrank_bf16"] <= 2.75
+    assert not any(key.endswith("lowrank_left") for key in manifest["weight_map"])
+
+
+def test_decompose_errors(tiny_model_dir, tmp_path, capsys):
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "a", "--budget", "1.5")
+    assert_one_line_error(code, err, "budget 1.5 bits/param is infeasible: the configs allow averages from 2.0")
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "a", "--budget", "lots")
+    assert_one_line_error(code, err, "cannot read the budget 'lots': give bits per parameter, e.g. 2.75 or 2.75bits")
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "a", "--budget", "3", "--rank", -1)
+    assert_one_line_error(code, err, "--rank must be 0 or more, got -1")
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "a", "--budget", "3", "--calib", tmp_path / "no.txt")
+    assert_one_line_error(code, err, "is neither 'wikitext2' nor a text file")
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "a", "--budget", "3", "--fisher", tmp_path / "f.st")
+    assert_one_line_error(code, err, "Fisher file not found")
+    work = tmp_path / "b.work"
+    work.mkdir()
+    (work / "costs-0.jsonl").write_text('{"name": "x", "shape": [1, 1], "costs": [1.0]}\n')
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "b", "--budget", "3", "--no-fisher")
+    assert_one_line_error(code, err, "holds an interrupted run (1 matrices costed): pass --resume to continue it")
+
+
+def _cli(*argv: object) -> list[str]:
+    return [sys.executable, "-m", "qpeft.cli", *map(str, argv)]
+
+
+def test_resume_after_a_kill_recomputes_nothing_finished(tiny_model_dir, tmp_path, capsys):
+    args = ["--budget", "3", "--rank", 4, "--no-fisher", "--configs", "lqlora"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "killed"
+    shard = Path(f"{out}.work") / "costs-0.jsonl"
+    proc = subprocess.Popen(
+        _cli("decompose", tiny_model_dir, "--out", out, *args),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if shard.is_file() and len(shard.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(shard.read_text().splitlines())
+    assert 3 <= done < 14 and not out.exists()
+    code, _, err = decompose(capsys, tiny_model_dir, out, *args)  # without --resume: refused
+    assert_one_line_error(code, err, f"holds an interrupted run ({done} matrices costed)")
+    code, _, err = decompose(capsys, tiny_model_dir, out, *args[:3], 8, *args[4:], "--resume")
+    assert_one_line_error(code, err, "cannot resume from")
+    code, _, err = decompose(capsys, tiny_model_dir, out, *args, "--resume")
+    assert code == 0, err
+    resumed = read_manifest(out)
+    assert resumed["provenance"]["cost_table_resumed_matrices"] == done
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "whole", *args)
+    assert code == 0, err
+    whole = read_manifest(tmp_path / "whole")
+    assert (
+        json.loads((out / "cost_table.json").read_text())["matrices"]
+        == json.loads((tmp_path / "whole" / "cost_table.json").read_text())["matrices"]
+    )
+    assert {n: e["config"] for n, e in resumed["quantized"].items()} == {
+        n: e["config"] for n, e in whole["quantized"].items()
+    }
+
+
+def test_two_processes_split_the_cost_table(tiny_model_dir, tmp_path, capsys):
+    args = ["--budget", "3", "--rank", 4, "--no-fisher", "--configs", SMALL_GRID]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611"]
+    result = subprocess.run(
+        [*launch, "-m", "qpeft.cli", "decompose", tiny_model_dir, "--out", out, *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = read_manifest(out)
+    assert manifest["provenance"]["processes"] == 2
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "one", *args)
+    assert code == 0, err
+    two = json.loads((out / "cost_table.json").read_text())["matrices"]
+    one = json.loads((tmp_path / "one" / "cost_table.json").read_text())["matrices"]
+    assert two == one

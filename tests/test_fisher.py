@@ -1,0 +1,97 @@
+"""Fisher calibration: hooked per-sequence gradients, batches, files and the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from calib.batches import calibration_batches, calibration_text
+from qpeft.calibration.fisher import empirical_fisher, load_fisher, save_fisher
+from qpeft.errors import QpeftError
+from qpeft.models.selection import DEFAULT_TARGETS, select_linear
+
+
+def _brute_force_fisher(model, names, batches):
+    """Mean over sequences of the squared gradient of each sequence's mean NLL,
+    from ordinary parameter gradients, one sequence at a time."""
+    squares = {n: 0.0 for n in names}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = {n: model.get_submodule(n).weight for n in names}
+    for p in params.values():
+        p.requires_grad_(True)
+    for ids in batches:
+        model.zero_grad()
+        logits = model(ids.unsqueeze(0)).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits, ids[1:]).backward()
+        for n, p in params.items():
+            squares[n] = squares[n] + p.grad.square()
+    for p in params.values():
+        p.requires_grad_(False)
+    return {n: s / len(batches) for n, s in squares.items()}
+
+
+def test_hooked_fisher_matches_brute_force(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    names = select_linear(model, DEFAULT_TARGETS)
+    batches = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    stats = empirical_fisher(model, names, batches, batch_size=2, progress=False)
+    exact = _brute_force_fisher(model, names, batches)
+    assert all(not p.requires_grad for p in model.parameters())  # flags restored
+    for name in names:
+        torch.testing.assert_close(stats.row_mean[name], exact[name].mean(dim=1), rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(stats.col_mean[name], exact[name].mean(dim=0), rtol=1e-4, atol=1e-12)
+    r, c = stats.weights(names[0])
+    torch.testing.assert_close(r, exact[names[0]].mean(dim=1).sqrt(), rtol=1e-4, atol=1e-9)
+    assert c.shape == (model.get_submodule(names[0]).in_features,)
+
+
+def test_fisher_file_round_trip(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    names = select_linear(model, ["q_proj"])
+    stats = empirical_fisher(model, names, torch.randint(0, 300, (2, 16)), progress=False)
+    stats.metadata = {"sequences": 2, "data": "x"}
+    save_fisher(tmp_path / "f.safetensors", stats)
+    back = load_fisher(tmp_path / "f.safetensors")
+    assert back.metadata == stats.metadata and sorted(back.row_mean) == sorted(names)
+    assert all(torch.equal(back.col_mean[n], stats.col_mean[n]) for n in names)
+    with pytest.raises(QpeftError, match="no entry for nope"):
+        back.weights("nope")
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(QpeftError, match="is not a qpeft Fisher file"):
+        load_fisher(tmp_path / "other.safetensors")
+
+
+def test_calibration_batches_are_seeded_windows():
+    ids = torch.arange(1000)
+    a = calibration_batches(ids, 5, 32, seed=3)
+    assert a.shape == (5, 32) and torch.equal(a, calibration_batches(ids, 5, 32, seed=3))
+    assert not torch.equal(a, calibration_batches(ids, 5, 32, seed=4))
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(5, 31, dtype=a.dtype))  # contiguous windows
+    with pytest.raises(QpeftError, match="fewer than one sequence of 2000"):
+        calibration_batches(ids, 1, 2000, seed=0)
+
+
+def test_calibration_text_never_uses_the_test_split(tmp_path):
+    text, name = calibration_text("wikitext2")
+    assert name == "wikitext2:valid" and len(text) > 100_000
+    with pytest.raises(QpeftError, match="neither 'wikitext2' nor a text file"):
+        calibration_text(str(tmp_path / "missing.txt"))
+
+
+def test_calibrate_caches_by_settings(tiny_model_dir, tmp_path, monkeypatch):
+    from qpeft.pipeline.calibrate import calibrate
+
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
+    first, path, hit = calibrate(tiny_model_dir, ["q_proj", "down_proj"], num_sequences=2, seqlen=16)
+    assert not hit and path.is_file() and first.metadata["sequences"] == 2
+    again, same_path, hit = calibrate(tiny_model_dir, ["q_proj", "down_proj"], num_sequences=2, seqlen=16)
+    assert hit and same_path == path
+    assert all(torch.equal(again.row_mean[n], first.row_mean[n]) for n in first.row_mean)
+    _, other_path, hit = calibrate(tiny_model_dir, ["q_proj", "down_proj"], num_sequences=2, seqlen=16, seed=1)
+    assert not hit and other_path != path

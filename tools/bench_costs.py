@@ -1,0 +1,94 @@
+"""Cost-table speed: qpeft's shared/refined table vs one full alternation per config.
+
+For each matrix shape (random N(0, 0.02²) weights, random positive Fisher row/column
+weights), times `matrix_costs` over the whole grid, and the reference method (one
+cold LQ-LoRA alternation per config, as the authors' code does) on a sample of
+configs, projected to the grid. Also prints the projected time for all matrices of
+the model shape.
+
+    python tools/bench_costs.py --device cuda --model llama2-7b --rank 64
+    python tools/bench_costs.py --device cpu --model smollm2 --rank 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from qpeft.allocation.costs import matrix_costs
+from qpeft.allocation.grid import parse_grid
+from qpeft.decompose.lqlora import lq_decompose
+
+# (name, shape, matrices of that shape in the model)
+MODELS = {
+    "llama2-7b": [("q/k/v/o", (4096, 4096), 4 * 32), ("gate/up", (11008, 4096), 2 * 32), ("down", (4096, 11008), 32)],
+    "smollm2": [
+        ("q/o", (576, 576), 2 * 30),
+        ("k/v", (192, 576), 2 * 30),
+        ("gate/up", (1536, 576), 2 * 30),
+        ("down", (576, 1536), 30),
+    ],
+}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama2-7b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--configs", default="lqlora")
+    parser.add_argument("--cold-sample", type=int, default=6, help="configs timed with a full cold alternation each")
+    parser.add_argument("--no-fisher", action="store_true")
+    args = parser.parse_args()
+    grid = parse_grid(args.configs)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    print(f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), "
+          f"rank {args.rank}, {len(grid)} configs, Fisher {'off' if args.no_fisher else 'on'}, torch {torch.__version__}")
+    header = f"{'matrix':<8} {'shape':>12} {'qpeft s':>9} {'per-config s':>13} {'reference s':>12} {'speed-up':>9}"
+    print(header)
+    total_qpeft = total_reference = 0.0
+    warm = False
+    for name, shape, count in MODELS[args.model]:
+        w = (torch.randn(shape, generator=generator) * 0.02).to(args.device)
+        row = col = None
+        if not args.no_fisher:
+            row = torch.rand(shape[0], generator=generator).add_(0.1).to(args.device)
+            col = torch.rand(shape[1], generator=generator).add_(0.1).to(args.device)
+        if not warm:  # first CUDA calls pay for kernel loading
+            matrix_costs(w, grid[:2], args.rank, row, col)
+            warm = True
+        sync(args.device)
+        start = time.perf_counter()
+        matrix_costs(w, grid, args.rank, row, col)
+        sync(args.device)
+        qpeft_seconds = time.perf_counter() - start
+        sample = grid[:: max(1, len(grid) // args.cold_sample)][: args.cold_sample]
+        start = time.perf_counter()
+        for config in sample:
+            lq_decompose(w, config, args.rank, row, col)
+        sync(args.device)
+        per_config = (time.perf_counter() - start) / len(sample)
+        reference = per_config * len(grid)
+        total_qpeft += qpeft_seconds * count
+        total_reference += reference * count
+        print(
+            f"{name:<8} {'x'.join(map(str, shape)):>12} {qpeft_seconds:>9.2f} {per_config:>13.3f} "
+            f"{reference:>12.1f} {reference / qpeft_seconds:>8.1f}x"
+        )
+    matrices = sum(count for *_, count in MODELS[args.model])
+    print(
+        f"all {matrices} matrices of {args.model}: qpeft {total_qpeft / 60:.1f} min, "
+        f"reference (projected from the sample) {total_reference / 3600:.1f} h, "
+        f"{total_reference / total_qpeft:.1f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
