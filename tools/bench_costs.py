@@ -49,8 +49,10 @@ def main() -> None:
     args = parser.parse_args()
     grid = parse_grid(args.configs)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    print(f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), "
-          f"rank {args.rank}, {len(grid)} configs, Fisher {'off' if args.no_fisher else 'on'}, torch {torch.__version__}")
+    print(
+        f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), "
+        f"rank {args.rank}, {len(grid)} configs, Fisher {'off' if args.no_fisher else 'on'}, torch {torch.__version__}"
+    )
     header = f"{'matrix':<8} {'shape':>12} {'qpeft s':>9} {'per-config s':>13} {'reference s':>12} {'speed-up':>9}"
     print(header)
     total_qpeft = total_reference = 0.0
