@@ -1,0 +1,97 @@
+"""WikiText-2 perplexity of LQ-LoRA / ILP-only checkpoints next to uniform NF4/NF3.
+
+Runs the user-facing commands (`qpeft quantize`, `qpeft decompose`, `qpeft eval
+--json`) into WORKDIR and prints one table. A variant's cost table is computed at
+its first budget and reused (`--costs`) for the others; checkpoints already in
+WORKDIR are reused, so an interrupted run continues.
+
+    python tools/lqlora_results.py /tmp/runs --variants r0-f,r8-f --max-windows 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+QPEFT = [sys.executable, "-m", "qpeft.cli"]
+
+
+def sh(*argv: object) -> str:
+    result = subprocess.run([*QPEFT, *map(str, argv)], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"failed: qpeft {' '.join(map(str, argv))}\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def evaluate(target: str | Path, args: argparse.Namespace) -> dict:
+    out = sh(
+        "eval", target, "--seqlen", args.seqlen, "--max-windows", args.max_windows, "--dtype", args.dtype, "--json"
+    )
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--budgets", default="2.5,2.75,3.25,3.5")
+    parser.add_argument("--variants", default="r0-f,r8-f,r8-nf,r64-f,r64-nf", help="rRANK-f (Fisher) or rRANK-nf")
+    parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--dtype", default="fp32")
+    args = parser.parse_args()
+    args.max_windows = args.max_windows or 10**9
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    base = evaluate("smollm2", args)
+    rows.append(("fp32 (unquantized)", "", 32.0, 32.0, 32.0, base))
+    for preset in ("nf4", "nf3"):
+        ckpt = work / f"uniform-{preset}"
+        if not ckpt.exists():
+            sh("quantize", "smollm2", "--config", preset, "--out", ckpt)
+        manifest = json.loads((ckpt / "qpeft_manifest.json").read_text())
+        bits = manifest["summary"]["bits_per_param"]
+        rows.append((f"uniform {preset}", "", bits, bits, bits, evaluate(ckpt, args)))
+    for variant in args.variants.split(","):
+        rank_text, fisher = variant.split("-")
+        rank = int(rank_text.removeprefix("r"))
+        first = None
+        for budget in args.budgets.split(","):
+            ckpt = work / f"lq-{variant}-{budget}"
+            if not ckpt.exists():
+                extra = ["--costs", first] if first is not None else []
+                extra += [] if fisher == "f" else ["--no-fisher"]
+                sh("decompose", "smollm2", "--budget", budget, "--rank", rank, "--out", ckpt, *extra)
+            first = first or ckpt
+            s = json.loads((ckpt / "qpeft_manifest.json").read_text())["summary"]
+            label = ("ILP-only" if rank == 0 else f"LQ-LoRA r{rank}") + (" Fisher" if fisher == "f" else "")
+            rows.append(
+                (
+                    label,
+                    budget,
+                    s["bits_per_param"],
+                    s["bits_with_lowrank_bf16"],
+                    s["bits_with_lowrank_nf8"],
+                    evaluate(ckpt, args),
+                )
+            )
+            print(f"{label} {budget}: ppl {rows[-1][-1]['ppl']:.4f}", file=sys.stderr)
+    windows = rows[0][-1]["windows"]
+    print(
+        f"WikiText-2 test, seqlen {args.seqlen}, first {windows} windows ({rows[0][-1]['tokens']} predicted tokens), "
+        f"{args.dtype}"
+    )
+    print(f"{'method':<24} {'budget':>6} {'Q bits':>7} {'+LR bf16':>9} {'+LR nf8':>8} {'ppl':>9} {'vs nf4':>7}")
+    nf4 = rows[1][-1]["ppl"]
+    for label, budget, q, bf16, nf8, result in rows:
+        print(
+            f"{label:<24} {budget:>6} {q:>7.3f} {bf16:>9.3f} {nf8:>8.3f} {result['ppl']:>9.4f} "
+            f"{result['ppl'] / nf4:>7.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
