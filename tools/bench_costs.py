@@ -1,4 +1,5 @@
-"""Cost-table speed: qpeft's shared/refined table vs one full alternation per config.
+"""Cost-table speed and accuracy: qpeft's shared/refined table vs one full alternation
+per config.
 
 For each matrix shape (random N(0, 0.02²) weights, random positive Fisher row/column
 weights), times `matrix_costs` over the whole grid, and the reference method (one
@@ -8,6 +9,11 @@ the model shape.
 
     python tools/bench_costs.py --device cuda --model llama2-7b --rank 64
     python tools/bench_costs.py --device cpu --model smollm2 --rank 8
+
+`--accuracy` instead takes real matrices of the embedded SmolLM2 and compares, over
+the grid, the lower envelope (lowest cost at ≤ b bits, b = 2.05 … 4.5, the only part
+of a row the ILP can use) of three tables: configs priced on their group anchor only
+("shared"), qpeft's default (front configs refined) and every config refined.
 """
 
 from __future__ import annotations
@@ -38,6 +44,46 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+ACCURACY_MATRICES = [
+    "model.layers.3.self_attn.q_proj",
+    "model.layers.20.self_attn.k_proj",
+    "model.layers.10.mlp.down_proj",
+    "model.layers.27.mlp.gate_proj",
+]
+
+
+def accuracy(rank: int, grid: list) -> None:
+    import numpy as np
+
+    from qpeft.models.resolve import resolve_model
+    from qpeft.models.weights import SafetensorsWeights
+
+    bits = np.array([c.bits_per_param for c in grid])
+    at = np.linspace(2.05, 4.5, 50)
+
+    def envelope(costs):
+        return np.array([costs[bits <= b + 1e-12].min() for b in at])
+
+    wanted = {f"{n}.weight": n for n in ACCURACY_MATRICES}
+    print(f"rank {rank}, {len(grid)} configs; envelope ratio = table / every-config-refined table")
+    print(f"{'matrix':<34} {'shared s':>9} {'default s':>10} {'all s':>7} {'shared max':>11} {'default max':>12}")
+    for key, tensor in SafetensorsWeights(resolve_model(None)).items():
+        if key not in wanted:
+            continue
+        w = tensor.float()
+        timed = {}
+        for label, kwargs in [("shared", {"refine_iters": 0}), ("default", {}), ("all", {"refine_all": True})]:
+            start = time.perf_counter()
+            timed[label] = (matrix_costs(w, grid, rank, **kwargs), time.perf_counter() - start)
+        reference = envelope(timed["all"][0])
+        shared_ratio = (envelope(timed["shared"][0]) / reference).max()
+        default_ratio = (envelope(timed["default"][0]) / reference).max()
+        print(
+            f"{wanted[key]:<34} {timed['shared'][1]:>9.2f} {timed['default'][1]:>10.2f} {timed['all'][1]:>7.2f} "
+            f"{shared_ratio:>11.4f} {default_ratio:>12.4f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="llama2-7b")
@@ -46,8 +92,12 @@ def main() -> None:
     parser.add_argument("--configs", default="lqlora")
     parser.add_argument("--cold-sample", type=int, default=6, help="configs timed with a full cold alternation each")
     parser.add_argument("--no-fisher", action="store_true")
+    parser.add_argument("--accuracy", action="store_true", help="envelope accuracy on real SmolLM2 matrices")
     args = parser.parse_args()
     grid = parse_grid(args.configs)
+    if args.accuracy:
+        accuracy(args.rank, grid)
+        return
     generator = torch.Generator(device="cpu").manual_seed(0)
     print(
         f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), "
