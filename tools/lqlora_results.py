@@ -58,7 +58,8 @@ def main() -> None:
     for variant in args.variants.split(","):
         rank_text, fisher = variant.split("-")
         rank = int(rank_text.removeprefix("r"))
-        first = None
+        # a finished checkpoint of this variant lends its cost table to the others
+        first = next((p for p in sorted(work.glob(f"lq-{variant}-*")) if (p / "cost_table.json").is_file()), None)
         for budget in args.budgets.split(","):
             ckpt = work / f"lq-{variant}-{budget}"
             if not ckpt.exists():

@@ -252,6 +252,8 @@ def storage_bits_table(grid: Sequence[QuantConfig], numel: Sequence[int]) -> np.
 def lowrank_bits(rank: int, shape: tuple[int, int], nf8: bool) -> int:
     """Bits of L1 (d_out × r) and L2 (r × d_in): bf16, or NF8 (nf8-b64-s8x256-fp32)."""
     rows, cols = shape
+    if rank == 0:
+        return 0
     if nf8:
         return storage_bits(PRESETS["nf8"], rows * rank) + storage_bits(PRESETS["nf8"], rank * cols)
     return 16 * rank * (rows + cols)
