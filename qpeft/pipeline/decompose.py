@@ -451,6 +451,9 @@ def decompose_model(
     allocation = ilp_allocate(table.costs, storage_bits_table(grid, numel), numel, budget)
     solve_seconds = time.perf_counter() - solve_start
     chosen = {name: grid[j] for name, j in zip(names, allocation.choice, strict=True)}
+    table_cost = {
+        name: float(table.costs[i, j]) for i, (name, j) in enumerate(zip(names, allocation.choice, strict=True))
+    }
 
     write_start = time.perf_counter()
     selected = {f"{n}.weight": n for n in names}
@@ -466,9 +469,7 @@ def decompose_model(
                     continue
                 name = selected[key]
                 matrices[name] = _split_matrix(tensor.to(device), chosen[name], settings, fisher, name, writer)
-                matrices[name]["table_cost"] = float(
-                    table.costs[names.index(name), allocation.choice[names.index(name)]]
-                )
+                matrices[name]["table_cost"] = table_cost[name]
         writer.flush()
         matrices = {n: matrices[n] for n in names}
         save_cost_table(tmp / COST_TABLE_NAME, table)
