@@ -16,14 +16,19 @@ shard, so neither side holds more than one shard beyond the model itself.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from qpeft.errors import QpeftError
+
+if TYPE_CHECKING:
+    from qpeft.models.weights import SafetensorsWeights
 
 MANIFEST_NAME = "qpeft_manifest.json"
 FORMAT_NAME = "qpeft"
@@ -58,6 +63,28 @@ class ShardWriter:
         save_file(self.pending, str(self.directory / name), metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(self.pending, name))
         self.pending, self.pending_bytes = {}, 0
+
+
+def stream_model(
+    weights: SafetensorsWeights,
+    writer: ShardWriter,
+    selected: dict[str, str],
+    convert: Callable[[str, torch.Tensor], dict[str, Any]],
+    desc: str,
+) -> dict[str, dict[str, Any]]:
+    """Copy every tensor of `weights` into `writer`, except the selected ones (weight
+    key → module name), which `convert(name, tensor)` writes itself; returns its
+    manifest entries by module name."""
+    entries: dict[str, dict[str, Any]] = {}
+    with tqdm(total=len(weights.weight_map), desc=desc, unit="tensor") as bar:
+        for key, tensor in weights.items():
+            bar.update()
+            if key in selected:
+                entries[selected[key]] = convert(selected[key], tensor)
+            else:
+                writer.add(key, tensor)
+    writer.flush()
+    return entries
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:

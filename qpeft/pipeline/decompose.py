@@ -36,7 +36,7 @@ from qpeft.calibration.fisher import FisherStats
 from qpeft.decompose.lqlora import lq_decompose, weighted_error
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory, atomic_file
-from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, write_manifest
+from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, stream_model, write_manifest
 from qpeft.models.loading import build_skeleton
 from qpeft.models.resolve import copy_model_files
 from qpeft.models.selection import select_linear
@@ -457,20 +457,15 @@ def decompose_model(
 
     write_start = time.perf_counter()
     selected = {f"{n}.weight": n for n in names}
-    matrices: dict[str, Any] = {}
+
+    def split(name: str, tensor: torch.Tensor) -> dict[str, Any]:
+        entry = _split_matrix(tensor.to(device), chosen[name], settings, fisher, name, writer)
+        return entry | {"table_cost": table_cost[name]}
+
     with atomic_directory(out_dir) as tmp:
         copy_model_files(model_dir, tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
-        with tqdm(total=len(weights.weight_map), desc="write", unit="tensor") as bar:
-            for key, tensor in weights.items():
-                bar.update()
-                if key not in selected:
-                    writer.add(key, tensor)
-                    continue
-                name = selected[key]
-                matrices[name] = _split_matrix(tensor.to(device), chosen[name], settings, fisher, name, writer)
-                matrices[name]["table_cost"] = table_cost[name]
-        writer.flush()
+        matrices = stream_model(weights, writer, selected, split, "write")
         matrices = {n: matrices[n] for n in names}
         save_cost_table(tmp / COST_TABLE_NAME, table)
         summary = summarise(matrices, rank) | {

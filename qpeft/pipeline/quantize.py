@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 import qpeft
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory
-from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, write_manifest
+from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, stream_model, write_manifest
 from qpeft.models.loading import build_skeleton
 from qpeft.models.resolve import copy_model_files
 from qpeft.models.selection import DEFAULT_TARGETS, select_linear
@@ -61,18 +60,16 @@ def quantize_model(
     absent = [key for key in selected if key not in weights.weight_map]
     if absent:
         raise QpeftError(f"{model_dir}: selected weights not in the checkpoint: {absent[:3]}")
-    matrices: dict[str, Any] = {}
     with atomic_directory(out_dir) as tmp:
         copy_model_files(model_dir, tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
-        with tqdm(total=len(weights.weight_map), desc="quantize", unit="tensor") as bar:
-            for key, tensor in weights.items():
-                bar.update()
-                if key not in selected:
-                    writer.add(key, tensor)
-                    continue
-                matrices[selected[key]] = _quantize_matrix(tensor.to(device), config, key, writer)
-        writer.flush()
+        matrices = stream_model(
+            weights,
+            writer,
+            selected,
+            lambda name, tensor: _quantize_matrix(tensor.to(device), config, f"{name}.weight", writer),
+            "quantize",
+        )
         numel = sum(m["shape"][0] * m["shape"][1] for m in matrices.values())
         stored = sum(storage_bits(config, m["shape"][0] * m["shape"][1]) for m in matrices.values())
         manifest = {
