@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from torch import nn
 from qpeft.errors import QpeftError
 from qpeft.io.checkpoint import is_checkpoint, iter_shards, read_manifest
 from qpeft.models.resolve import resolve_model
+from qpeft.models.selection import select_linear
+from qpeft.models.weights import SafetensorsWeights
 from qpeft.modules import QuantLinear
 from qpeft.quant import parse_config
 from qpeft.quant.blockwise import PART_NAMES
@@ -25,6 +28,17 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def stored_linear(model_dir: Path, weights: SafetensorsWeights, targets: Sequence[str]) -> dict[str, int]:
+    """Selected linear layers (name → weight numel, in module order); an error names
+    any whose weight the safetensors files lack."""
+    skeleton = build_skeleton(model_dir)
+    names = select_linear(skeleton, targets)
+    absent = [n for n in names if f"{n}.weight" not in weights.weight_map]
+    if absent:
+        raise QpeftError(f"{model_dir}: selected weights not in the checkpoint: {absent[:3]}")
+    return {n: skeleton.get_submodule(n).weight.numel() for n in names}
 
 
 def locate(spec: str | None) -> Path:

@@ -37,9 +37,8 @@ from qpeft.decompose.lqlora import lq_decompose, weighted_error
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory, atomic_file
 from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, stream_model, write_manifest
-from qpeft.models.loading import build_skeleton
+from qpeft.models.loading import stored_linear
 from qpeft.models.resolve import copy_model_files
-from qpeft.models.selection import select_linear
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.quant import PRESETS, QuantConfig, dequantize, storage_bits
 
@@ -383,13 +382,8 @@ def plan_matrices(
 ) -> tuple[list[str], list[int]]:
     """The selected matrices and their sizes; errors (before any slow stage) if one is
     missing from the weights or the budget cannot be met."""
-    skeleton = build_skeleton(model_dir)
-    names = select_linear(skeleton, targets)
-    weight_map = SafetensorsWeights(model_dir).weight_map
-    absent = [n for n in names if f"{n}.weight" not in weight_map]
-    if absent:
-        raise QpeftError(f"{model_dir}: selected weights not in the checkpoint: {absent[:3]}")
-    numel = [skeleton.get_submodule(n).weight.numel() for n in names]
+    sizes = stored_linear(model_dir, SafetensorsWeights(model_dir), targets)
+    names, numel = list(sizes), list(sizes.values())
     check_budget(budget, storage_bits_table(grid, numel), numel)
     return names, numel
 

@@ -16,12 +16,11 @@ from typing import Any
 import torch
 
 import qpeft
-from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory
 from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, stream_model, write_manifest
-from qpeft.models.loading import build_skeleton
+from qpeft.models.loading import stored_linear
 from qpeft.models.resolve import copy_model_files
-from qpeft.models.selection import DEFAULT_TARGETS, select_linear
+from qpeft.models.selection import DEFAULT_TARGETS
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.quant import QuantConfig, bits_per_param, dequantize, quantize, storage_bits
 
@@ -56,10 +55,7 @@ def quantize_model(
     Returns the manifest."""
     start = time.perf_counter()
     weights = SafetensorsWeights(model_dir)
-    selected = {f"{name}.weight": name for name in select_linear(build_skeleton(model_dir), targets)}
-    absent = [key for key in selected if key not in weights.weight_map]
-    if absent:
-        raise QpeftError(f"{model_dir}: selected weights not in the checkpoint: {absent[:3]}")
+    selected = {f"{name}.weight": name for name in stored_linear(model_dir, weights, targets)}
     with atomic_directory(out_dir) as tmp:
         copy_model_files(model_dir, tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
