@@ -194,6 +194,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     _check_device(args.device)
     if args.out.suffix != ".safetensors":
         raise QpeftError(f"--out should name a .safetensors file, got {args.out}")
+    if args.out.exists():
+        raise QpeftError(f"output file already exists: {args.out}")
     calibration_text(args.calib)  # fail on bad data before loading the model
     stats, cached, hit = _run_calibration(args, resolve_model(args.model), args.out)
     how = f"reused {cached}" if hit else f"cached as {cached}"

@@ -198,3 +198,17 @@ def test_two_processes_split_the_cost_table(tiny_model_dir, tmp_path):
     two = json.loads((out / "cost_table.json").read_text())["matrices"]
     one = json.loads((tmp_path / "one" / "cost_table.json").read_text())["matrices"]
     assert two == one
+
+
+def test_calibrate_writes_a_file_and_never_overwrites(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "f.safetensors"
+    argv = ["calibrate", tiny_model_dir, "--out", out, "--calib-sequences", 2, "--calib-seqlen", 16]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0 and out.is_file() and "Fisher row/column means of 14 matrices" in stdout, err
+    before = out.read_bytes()
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, f"output file already exists: {out}")
+    assert out.read_bytes() == before
+    code, _, err = run(capsys, "calibrate", tiny_model_dir, "--out", tmp_path / "f.bin")
+    assert_one_line_error(code, err, "--out should name a .safetensors file")
