@@ -44,7 +44,7 @@ def _add_calib_args(parser: argparse.ArgumentParser, with_source: bool = True) -
         "--calib-seqlen", type=int, default=DEFAULT_SEQLEN, help=f"tokens per sequence (default: {DEFAULT_SEQLEN})"
     )
     parser.add_argument("--calib-seed", type=int, default=0, help="seed of the sequence sampling (default: 0)")
-    parser.add_argument("--calib-batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
+    parser.add_argument("--calib-batch-size", type=int, default=1, help="sequences per forward pass (default: 1, the fastest on CPU)")
     parser.add_argument(
         "--calib-dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="model dtype for calibration"
     )
@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument(
         "--refine-iters",
         type=int,
-        default=2,
-        help="alternation steps given to each Pareto-front config of the cost table (default: 2; 0 = none)",
+        default=5,
+        help="alternation steps given to each Pareto-front config of the cost table (default: 5; 0 = none)",
     )
     dec.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.work")
     dec.add_argument("--costs", type=Path, default=None, help="reuse the cost table of an earlier checkpoint")

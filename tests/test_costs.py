@@ -9,6 +9,7 @@ import torch
 from qpeft.allocation.costs import element_weights, group_configs, matrix_costs, scale_format_errors
 from qpeft.allocation.grid import lqlora_grid, parse_grid
 from qpeft.allocation.ilp import ilp_allocate, pareto_configs
+from qpeft.decompose.lqlora import alternate
 from qpeft.errors import QpeftError
 from qpeft.quant import dequantize, parse_config, quantize
 from qpeft.quant.blockwise import simulate
@@ -82,6 +83,37 @@ def test_refinement_only_lowers_costs_and_refines_the_front():
     weights = element_weights((64, 96), r, c)
     expected = float(((w - simulate(w, grid[0])).square() * weights).sum())
     assert quant_only == pytest.approx(expected, rel=1e-5)
+
+
+def test_coarse_scale_configs_get_their_own_low_rank_fit():
+    """Outlier input channels in a low-rank pattern: with 2-3 bit, 256-block scales the
+    low-rank part fitted for the fine-scale anchor leaves the outliers setting the scale
+    range, and pricing on it is ~2× too high. The table's lower envelope (what the ILP
+    can pick from) must stay within 5% of each config's own cold alternation."""
+    torch.manual_seed(0)
+    rank = 4
+    w = torch.randn(96, 256) * 0.02 + torch.randn(96, rank) @ torch.randn(rank, 256) * 0.01
+    w[:, :3] *= 25
+    r, c = torch.rand(96) + 0.5, torch.rand(256) + 0.5
+    grid = [g for g in lqlora_grid() if g.bits in (2, 3) and g.block_size == 64]
+    bits = np.array([g.bits_per_param for g in grid])
+
+    def envelope(costs):
+        return np.array([costs[bits <= b + 1e-12].min() for b in sorted(set(bits))])
+
+    def cold_alternation(config):
+        quant = lambda x: simulate(x, config)  # noqa: E731
+        return alternate(w, quant, rank, r, c, generator=torch.Generator().manual_seed(0))
+
+    weights = element_weights(tuple(w.shape), r, c)
+    cold = np.array([cold_alternation(g).error ** 2 for g in grid]) / float(r.square().mean())
+    on_anchor = np.empty(len(grid))
+    for group in group_configs(grid):
+        anchor = cold_alternation(grid[group[0]])
+        residual = w - anchor.left @ anchor.right
+        on_anchor[group] = scale_format_errors(residual, [grid[j] for j in group], weights)
+    assert (envelope(on_anchor) / envelope(cold)).max() > 1.5  # the trap is there
+    assert (envelope(matrix_costs(w, grid, rank, r, c)) / envelope(cold)).max() < 1.05
 
 
 def test_ilp_with_exact_bits_meets_the_budget():

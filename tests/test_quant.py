@@ -19,6 +19,7 @@ from qpeft.quant import (
     storage_layout,
 )
 from qpeft.quant.blockwise import DEFAULT_CHUNK
+from qpeft.quant.codebooks import dynamic_codebook, nearest_level, uniform_codebook
 from qpeft.quant.packing import pack_codes, packed_numel, unpack_codes
 
 ALL_CONFIGS = [
@@ -39,6 +40,38 @@ def test_nf_codebook_shape(bits):
     assert torch.all(levels[1:] > levels[:-1])
     # one more positive level than negative ones (zero shared): NF's asymmetry
     assert (levels > 0).sum() == 2 ** (bits - 1)
+
+
+CODEBOOKS = {
+    **{f"nf{b}": lambda b=b: nf_codebook(b) for b in (2, 3, 4, 8)},
+    **{f"uniform{b}": lambda b=b: uniform_codebook(b) for b in (2, 3, 4)},
+    "dynamic": dynamic_codebook,
+}
+
+
+@pytest.mark.parametrize("name", sorted(CODEBOOKS))
+def test_nearest_level_equals_binary_search(name):
+    """The table lookup must give bucketize's codes bit for bit, ties included: on
+    random values, on every midpoint and its two float32 neighbours, on the levels
+    themselves and outside the codebook's range."""
+    codebook = CODEBOOKS[name]()
+    midpoints = (codebook[:-1] + codebook[1:]) / 2
+    generator = torch.Generator().manual_seed(0)
+    x = torch.cat(
+        [
+            torch.rand(200_000, generator=generator) * 2.2 - 1.1,
+            torch.randn(50_000, generator=generator) * 1e-3,  # the dense part near zero
+            midpoints,
+            torch.nextafter(midpoints, torch.tensor(2.0)),
+            torch.nextafter(midpoints, torch.tensor(-2.0)),
+            codebook,
+            torch.tensor([-5.0, -1.0, 0.0, 1.0, 5.0, -0.0]),
+        ]
+    )
+    expected = torch.bucketize(x, midpoints, out_int32=True)
+    assert torch.equal(nearest_level(x, codebook), expected)
+    strided = x[: x.numel() // 11 * 11].view(-1, 11)[:, :7]  # a non-contiguous input keeps its shape
+    assert torch.equal(nearest_level(strided, codebook), torch.bucketize(strided, midpoints, out_int32=True))
 
 
 def test_nf4_matches_the_published_table():

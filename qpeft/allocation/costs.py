@@ -9,18 +9,27 @@ F̂ = 1 and the cost is the squared Frobenius error.
 Running the full alternation for each of the 432 configs is what makes the
 reference code need a GPU cluster. The work is shared instead:
 
-* configs that share code bits b and block size B0 choose the same codes (codes
-  are picked against the exact block absmax), so they differ only in the block
-  scales s_k. With e = x − m·v (m the exact absmax, v the chosen level) and
-  d = m − s, the error of block k is E_k + 2·d_k·G_k + d_k²·C_k, where
-  E = Σ F̂e², G = Σ F̂ev, C = Σ F̂v². One pass over the matrix per (b, B0) group
-  prices all of its scale formats at O(blocks) each;
-* the alternation runs once per group, under the group's finest scale format
-  (its anchor), warm-started from the previous group's low-rank factors; the
-  group's configs are priced on W − L1·L2 of the anchor's best iterate.
+* configs that share code bits b and block size B0 (a group) choose the same codes
+  for a given input (codes are picked against the exact block absmax), so they
+  differ only in the block scales. One `normalized_blocks` pass per group gives
+  every config's quantization of the same input;
+* the alternation runs once per group, cold, under the group's finest scale format
+  (its anchor);
+* every config of the group then takes one step from the anchor: Q = quant(W − L1·L2)
+  with its own scales, and the best rank-r fit of W − Q (one warm-started power
+  iteration). Pricing configs on the anchor's factors alone is not enough: with
+  coarse (2–3 bit, 256-block) scales the configs' own low-rank part absorbs the
+  blocks that set the scale range and their error drops up to 3×;
+* the configs on the matrix's (bits, cost) Pareto front, the only ones the
+  allocation can pick, run a short alternation from their step, until the front
+  holds refined configs only.
 
-`tools/bench_costs.py` measures how far this is from running every config's own
-alternation.
+With rank 0 the group pass prices every scale format exactly in O(blocks): with
+e = x − m·v (m the exact absmax, v the chosen level) and d = m − s, the error of
+block k is E_k + 2·d_k·G_k + d_k²·C_k, where E = Σ F̂e², G = Σ F̂ev, C = Σ F̂v².
+
+`tools/bench_costs.py` measures the time, and the distance to running every
+config's own full alternation.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ import numpy as np
 import torch
 
 from qpeft.allocation.ilp import pareto_configs
-from qpeft.decompose.lqlora import alternate
+from qpeft.decompose.lowrank import lowrank_factors
+from qpeft.decompose.lqlora import alternate, row_space, weighted_error
 from qpeft.quant import QuantConfig
 from qpeft.quant.blockwise import normalized_blocks, simulate, simulated_scales
 
@@ -55,7 +65,16 @@ def scale_format_errors(
     bits, block = configs[0].bits, configs[0].block_size
     if any((c.bits, c.block_size) != (bits, block) for c in configs):
         raise ValueError("scale_format_errors needs configs that share code bits and block size")
-    blocks, absmax, levels = normalized_blocks(residual, bits, block)
+    return _priced_errors(*normalized_blocks(residual, bits, block), configs, weights)
+
+
+def _priced_errors(
+    blocks: torch.Tensor,
+    absmax: torch.Tensor,
+    levels: torch.Tensor,
+    configs: Sequence[QuantConfig],
+    weights: torch.Tensor | None,
+) -> list[float]:
     diff = blocks - levels * absmax.unsqueeze(1)
     if weights is None:
         weighted_levels, weighted_diff = levels, diff
@@ -92,36 +111,41 @@ def matrix_costs(
     seed: int = 0,
     max_iters: int = 20,
     rel_tol: float = 1e-3,
-    refine_iters: int = 2,
+    refine_iters: int = 5,
     refine_all: bool = False,
 ) -> np.ndarray:
     """Cost of `weight` (fp32 on its device) under each config, in the order given.
 
-    Every config is first priced on its group anchor's low-rank part (an upper bound:
-    it is a valid decomposition under that config). Then the configs on the matrix's
-    (bits, cost) Pareto front, the only ones the allocation can pick, get their own
-    alternation warm-started from the anchor (`refine_iters` steps), until the front
-    holds refined configs only; `refine_all` refines every config."""
+    Each cost is that of a valid decomposition under its config, so an upper bound of
+    the best one: the lowest of the config priced on its group anchor's factors, its
+    one-step fit, and (for configs on the (bits, cost) Pareto front, or every config
+    with `refine_all`) a `refine_iters`-step alternation from that fit.
+    `refine_iters=0` stops after the one-step fits."""
     w = weight.float()
     weights = element_weights(tuple(w.shape), row_weight, col_weight)
     fisher_mean = 1.0 if weights is None else float(row_weight.float().square().mean())
     costs = np.empty(len(configs))
-    anchors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # config index → its group anchor's (L1, L2)
+    fits: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # config index → its one-step (L1, L2)
+    step_generator = torch.Generator(device=w.device).manual_seed(seed + 2)
     for group in group_configs(configs):
+        members = [configs[j] for j in group]
         generator = torch.Generator(device=w.device).manual_seed(seed)
-        best = alternate(
-            w,
-            lambda x, c=configs[group[0]]: simulate(x, c),
-            rank,
-            row_weight,
-            col_weight,
-            max_iters,
-            rel_tol,
-            generator,
+        anchor = alternate(
+            w, lambda x, c=members[0]: simulate(x, c), rank, row_weight, col_weight, max_iters, rel_tol, generator
         )
-        residual = w - best.left @ best.right if rank else w
-        costs[group] = scale_format_errors(residual, [configs[j] for j in group], weights)
-        anchors.update(dict.fromkeys(group, (best.left, best.right)))
+        residual = w - anchor.left @ anchor.right if rank else w
+        blocks, absmax, levels = normalized_blocks(residual, members[0].bits, members[0].block_size)
+        costs[group] = _priced_errors(blocks, absmax, levels, members, weights)
+        if rank == 0:
+            continue
+        start = row_space(anchor.right, col_weight)
+        for j, config in zip(group, members, strict=True):
+            quantized = (levels * simulated_scales(absmax, config).unsqueeze(1)).view(-1)[: w.numel()].view(w.shape)
+            target = w - quantized
+            left, right = lowrank_factors(target, rank, row_weight, col_weight, step_generator, start, power_iters=1)
+            error = weighted_error(target - left @ right, row_weight, col_weight)
+            costs[j] = min(costs[j], error**2 / fisher_mean)
+            fits[j] = (left, right)
     if rank == 0 or refine_iters == 0:
         return costs
     bits = np.array([c.bits_per_param for c in configs])
@@ -142,7 +166,7 @@ def matrix_costs(
                 refine_iters,
                 rel_tol,
                 generator,
-                init=anchors[j],
+                init=fits[j],
                 warm_power_iters=1,
             )
             costs[j] = min(costs[j], result.error**2 / fisher_mean)

@@ -56,7 +56,7 @@ def weighted_error(diff: torch.Tensor, row_weight: torch.Tensor | None, col_weig
     return float(torch.linalg.norm(diff))
 
 
-def _row_space(right: torch.Tensor, col_weight: torch.Tensor | None) -> torch.Tensor:
+def row_space(right: torch.Tensor, col_weight: torch.Tensor | None) -> torch.Tensor:
     """Columns spanning the row space of L2·diag(c): the right singular subspace the
     weighted SVD found."""
     return (right if col_weight is None else right * col_weight.unsqueeze(0)).T
@@ -92,11 +92,11 @@ def alternate(
     best.errors.append(best.error)
     if rank == 0:
         return best
-    start = None if init is None else _row_space(right, col_weight)
+    start = None if init is None else row_space(right, col_weight)
     for _ in range(max_iters):
         power_iters = 2 if start is None else warm_power_iters
         left, right = lowrank_factors(residual, rank, row_weight, col_weight, generator, start, power_iters)
-        start = _row_space(right, col_weight)
+        start = row_space(right, col_weight)
         lowrank = left @ right
         # the pair (Q, new L) before re-quantizing is also a valid iterate, and the one
         # guaranteed not to be worse than the starting point

@@ -41,7 +41,7 @@ def calibrate(
     num_sequences: int = 32,
     seqlen: int = 512,
     seed: int = 0,
-    batch_size: int = 4,
+    batch_size: int = 1,
     device: str = "cpu",
     dtype: str = "fp32",
     out: Path | None = None,

@@ -59,7 +59,7 @@ class DecomposeSettings:
     seed: int = 0
     max_iters: int = 20
     rel_tol: float = 1e-3
-    refine_iters: int = 2
+    refine_iters: int = 5
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -407,7 +407,7 @@ def decompose_model(
     seed: int = 0,
     resume: bool = False,
     costs_from: Path | None = None,
-    refine_iters: int = 2,
+    refine_iters: int = 5,
     source: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> dict[str, Any] | None:

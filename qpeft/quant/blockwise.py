@@ -150,7 +150,6 @@ def quantize(
     layout = storage_layout(config, flat.numel())
     device = weight.device
     codebook = nf_codebook(config.bits, device)
-    midpoints = (codebook[:-1] + codebook[1:]) / 2
     absmax = torch.empty(layout.num_blocks, dtype=torch.float32, device=device)
     codes = torch.empty(packed_numel(layout.padded_numel, config.bits), dtype=torch.uint8, device=device)
     for start, end in _chunks(layout.num_blocks, config.block_size, chunk):
@@ -159,7 +158,7 @@ def quantize(
         absmax[start:end] = block_absmax
         # x * (1/absmax), clamped: the exact arithmetic of bitsandbytes' quantizer.
         scaled = torch.clamp(blocks * (1.0 / block_absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
-        chunk_codes = torch.bucketize(scaled.reshape(-1), midpoints, out_int32=True)
+        chunk_codes = nearest_level(scaled.reshape(-1), codebook)
         codes[_byte_range(start, end, config)] = pack_codes(chunk_codes, config.bits)
     # amax propagates NaN, so one check at the end covers every value (one device sync)
     if not torch.isfinite(absmax).all():
