@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def _add_calib_args(parser: argparse.ArgumentParser, with_source: bool = True) -
         "--calib-seqlen", type=int, default=DEFAULT_SEQLEN, help=f"tokens per sequence (default: {DEFAULT_SEQLEN})"
     )
     parser.add_argument("--calib-seed", type=int, default=0, help="seed of the sequence sampling (default: 0)")
-    parser.add_argument("--calib-batch-size", type=int, default=1, help="sequences per forward pass (default: 1, the fastest on CPU)")
+    parser.add_argument(
+        "--calib-batch-size", type=int, default=1, help="sequences per forward pass (default: 1, the fastest on CPU)"
+    )
     parser.add_argument(
         "--calib-dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="model dtype for calibration"
     )
@@ -243,7 +246,11 @@ def cmd_decompose(args: argparse.Namespace) -> None:
         rank, world = rank_and_world()
         if world > 1 and rank != 0:
             torch.distributed.barrier()
+        threads = torch.get_num_threads()
+        if world > 1 and device == "cpu":  # the waiting local ranks lend rank 0 their cores
+            torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         fisher = _run_calibration(args, model_dir)[0]
+        torch.set_num_threads(threads)
         if world > 1 and rank == 0:
             torch.distributed.barrier()
     manifest = decompose_model(
