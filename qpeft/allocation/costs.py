@@ -43,7 +43,7 @@ from qpeft.allocation.ilp import pareto_configs
 from qpeft.decompose.lowrank import lowrank_factors
 from qpeft.decompose.lqlora import alternate, row_space, weighted_error
 from qpeft.quant import QuantConfig
-from qpeft.quant.blockwise import normalized_blocks, simulate, simulated_scales
+from qpeft.quant.blockwise import normalized_blocks, scaled_levels, simulate, simulated_scales
 
 
 def element_weights(
@@ -140,8 +140,7 @@ def matrix_costs(
             continue
         start = row_space(anchor.right, col_weight)
         for j, config in zip(group, members, strict=True):
-            quantized = (levels * simulated_scales(absmax, config).unsqueeze(1)).view(-1)[: w.numel()].view(w.shape)
-            target = w - quantized
+            target = w - scaled_levels(levels, absmax, config, w.shape)
             left, right = lowrank_factors(target, rank, row_weight, col_weight, step_generator, start, power_iters=1)
             error = weighted_error(target - left @ right, row_weight, col_weight)
             costs[j] = min(costs[j], error**2 / fisher_mean)

@@ -249,8 +249,14 @@ def simulate(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     _, absmax, levels = normalized_blocks(weight, config.bits, config.block_size)
     if not torch.isfinite(absmax).all():
         raise QpeftError("cannot quantize a tensor with NaN or Inf values")
-    values = levels.mul_(simulated_scales(absmax, config).unsqueeze(1)).view(-1)
-    return values[: weight.numel()].view(weight.shape)
+    return scaled_levels(levels, absmax, config, weight.shape)
+
+
+def scaled_levels(levels: torch.Tensor, absmax: torch.Tensor, config: QuantConfig, shape: torch.Size) -> torch.Tensor:
+    """`simulate` of the input that `normalized_blocks` cut into (levels, absmax), for
+    any config with those code bits and block size; `levels` is left unchanged."""
+    values = (levels * simulated_scales(absmax, config).unsqueeze(1)).view(-1)
+    return values[: shape.numel()].view(shape)
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
