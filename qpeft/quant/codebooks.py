@@ -106,8 +106,9 @@ def nearest_level(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     Uses the midpoints between neighbouring levels as decision boundaries; a value
     exactly on a midpoint goes to the lower level (bitsandbytes' tie rule): the code is
     the number of midpoints strictly below x, as `torch.bucketize` gives it. A lookup
-    table plus one or two exact comparisons finds it 2–15× faster than binary search
-    on CPU (the hot loop of the LQ-LoRA cost table); bit for bit the same codes.
+    table plus one or two exact comparisons finds it in the same time for every
+    codebook size, where binary search grows with the levels (the hot loop of the
+    LQ-LoRA cost table; tools/bench_nearest_level.py); bit for bit the same codes.
     """
     first, padded, low, bins_per_unit, corrections = _level_table(tuple(codebook.tolist()), str(x.device))
     if corrections > _MAX_CORRECTIONS:

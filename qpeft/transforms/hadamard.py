@@ -17,8 +17,8 @@ That covers 12, 20, 24, 28, 36, 40, 44, 48, 56, 60, 68, 72, 76, 80, 84, 88, 96, 
 108, 112, 120, 124, 136, 140, 144, … Widths whose odd part has no such order up to
 MAX_HEAD_ORDER (LLaMA-2's 11008 = 43·256 needs order 172; 5504 is constructed, but a
 5504-wide factor costs as much as a dense transform) get the orthogonal block-diagonal
-transform I_K ⊗ H_2^m instead: K independent Hadamard blocks; `WalshHadamard.note` says so,
-and the checkpoint manifest records it.
+transform I_K ⊗ H_2^m instead: K independent Hadamard blocks; `WalshHadamard.note`
+says so, for the checkpoint manifest to record.
 """
 
 from __future__ import annotations
@@ -122,9 +122,13 @@ class WalshHadamard:
                 f"no Hadamard matrix of order {odd}·2^k ≤ {MAX_HEAD_ORDER} is constructed here: "
                 f"block-diagonal transform, {odd} Hadamard blocks of {1 << twos}"
             )
-        self.block_diagonal = odd > 1 and shift is None
         self._scale = 1.0 / math.sqrt(size // odd if self.block_diagonal else size)
         self._matrices: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def block_diagonal(self) -> bool:
+        """Whether the odd part of the width is left untransformed (see `note`)."""
+        return self.note is not None
 
     def _factor(self, index: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         order = self.factors[index]
