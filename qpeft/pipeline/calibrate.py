@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from calib.batches import calibration_batches, calibration_text
+from qpeft.calibration.activations import InputGrams, input_grams, load_grams, save_grams
 from qpeft.calibration.fisher import FisherStats, empirical_fisher, load_fisher, save_fisher, settings_key
 from qpeft.errors import QpeftError
 from qpeft.models.resolve import cache_dir
@@ -34,6 +35,41 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _settings(
+    model_dir: Path, targets: Sequence[str], data: str, num_sequences: int, seqlen: int, seed: int, dtype: str
+) -> tuple[dict[str, Any], str]:
+    """What identifies a calibration result (its cache key), and the calibration text."""
+    text, data_name = calibration_text(data)
+    settings = {
+        "model": model_fingerprint(model_dir),
+        "data": data_name,
+        "data_sha256": text_digest(text),
+        "sequences": num_sequences,
+        "seqlen": seqlen,
+        "seed": seed,
+        "dtype": dtype,
+        "targets": list(targets),
+    }
+    return settings, text
+
+
+def _model_and_batches(model_dir: Path, settings: dict[str, Any], text: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qpeft.eval.perplexity import tokenize
+
+    ids = tokenize(AutoTokenizer.from_pretrained(model_dir), text)
+    batches = calibration_batches(ids, settings["sequences"], settings["seqlen"], settings["seed"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[settings["dtype"]]).to(device)
+    return model.eval(), batches
+
+
+def _selected(model_dir: Path, targets: Sequence[str]) -> list[str]:
+    from qpeft.models.loading import build_skeleton
+
+    return select_linear(build_skeleton(model_dir), targets)
+
+
 def calibrate(
     model_dir: Path,
     targets: Sequence[str],
@@ -49,33 +85,15 @@ def calibrate(
     """Fisher statistics of the selected layers: (stats, file, whether it came from
     the cache). The cache ($QPEFT_CACHE/fisher) is keyed by everything that changes
     the result; `out` also gets a copy."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qpeft.eval.perplexity import tokenize
-    from qpeft.models.loading import build_skeleton
-
-    text, data_name = calibration_text(data)
-    names = select_linear(build_skeleton(model_dir), targets)
-    settings: dict[str, Any] = {
-        "model": model_fingerprint(model_dir),
-        "data": data_name,
-        "data_sha256": text_digest(text),
-        "sequences": num_sequences,
-        "seqlen": seqlen,
-        "seed": seed,
-        "dtype": dtype,
-        "targets": list(targets),
-    }
+    settings, text = _settings(model_dir, targets, data, num_sequences, seqlen, seed, dtype)
     cached = cache_dir() / "fisher" / f"{settings_key(settings)}.safetensors"
     hit = cached.is_file()
     if hit:
         stats = load_fisher(cached)
     else:
-        ids = tokenize(AutoTokenizer.from_pretrained(model_dir), text)
-        batches = calibration_batches(ids, num_sequences, seqlen, seed)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype]).to(device)
+        model, batches = _model_and_batches(model_dir, settings, text, device)
         start = time.perf_counter()
-        stats = empirical_fisher(model, names, batches, batch_size)
+        stats = empirical_fisher(model, _selected(model_dir, targets), batches, batch_size)
         stats.metadata = {**settings, "seconds": round(time.perf_counter() - start, 1), "device": device}
         del model
         save_fisher(cached, stats)
@@ -83,6 +101,33 @@ def calibrate(
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cached, out)
     return stats, cached, hit
+
+
+def calibrate_activations(
+    model_dir: Path,
+    targets: Sequence[str],
+    data: str = "wikitext2",
+    num_sequences: int = 32,
+    seqlen: int = 512,
+    seed: int = 0,
+    batch_size: int = 1,
+    device: str = "cpu",
+    dtype: str = "fp32",
+) -> tuple[InputGrams, bool]:
+    """XᵀX of the selected layers' inputs over the same calibration batches as the
+    Fisher (same settings, same sequences): (grams, whether from the cache
+    $QPEFT_CACHE/activations)."""
+    settings, text = _settings(model_dir, targets, data, num_sequences, seqlen, seed, dtype)
+    cached = cache_dir() / "activations" / f"{settings_key(settings)}.safetensors"
+    if cached.is_file():
+        return load_grams(cached), True
+    model, batches = _model_and_batches(model_dir, settings, text, device)
+    start = time.perf_counter()
+    grams = input_grams(model, _selected(model_dir, targets), batches, batch_size)
+    grams.metadata = {**settings, "seconds": round(time.perf_counter() - start, 1), "device": device}
+    del model
+    save_grams(cached, grams)
+    return grams, False
 
 
 def fisher_for(path: Path, names: Sequence[str]) -> FisherStats:
