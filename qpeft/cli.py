@@ -79,23 +79,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     dec = sub.add_parser(
         "decompose",
-        help="LQ-LoRA: W = Q + L1·L2 per matrix, configs chosen by an ILP to meet a bit budget",
-        description="Split every selected matrix as W ≈ Q + L1·L2 (LQ-LoRA) and pick each matrix's "
-        "quantization config with an integer linear program so that the average bits per parameter of Q "
-        "meet the budget. Writes a qpeft checkpoint that `qpeft eval` loads.",
+        help="W = Q + ΔW per matrix (LQ-LoRA or QWHA), configs chosen by an ILP to meet a bit budget",
+        description="Split every selected matrix as W ≈ Q + ΔW, with ΔW = L1·L2 (LQ-LoRA, the default) or a "
+        "sparse Walsh-Hadamard-domain adapter initialised from calibration activations (QWHA), and pick "
+        "each matrix's quantization config with an integer linear program so that the average bits per "
+        "parameter of Q meet the budget (or use one --config for all). Writes a qpeft checkpoint that "
+        "`qpeft eval` loads.",
     )
     _add_model_arg(dec)
-    dec.add_argument("--budget", required=True, help="average bits per parameter of Q, e.g. 2.75bits or 2.75")
-    dec.add_argument("--rank", type=int, default=64, help="rank of L1·L2; 0 = ILP-only mixed precision (default: 64)")
+    dec.add_argument("--method", choices=["lqlora", "qwha"], default="lqlora", help="decomposition (default: lqlora)")
+    target = dec.add_mutually_exclusive_group(required=True)
+    target.add_argument("--budget", help="average bits per parameter of Q, e.g. 2.75bits or 2.75")
+    target.add_argument("--config", help="one config for every matrix (a preset such as nf3, or a full name)")
+    dec.add_argument(
+        "--rank",
+        type=int,
+        default=64,
+        help="rank of L1·L2, or for QWHA the same trainable parameter count r·(d_in + d_out); "
+        "0 = no adapter (ILP-only mixed precision) (default: 64)",
+    )
+    dec.add_argument(
+        "--alpha", type=float, default=1.0, help="QWHA: positions per row ∝ (transformed error norm)^alpha (default: 1)"
+    )
     fisher = dec.add_mutually_exclusive_group()
     fisher.add_argument(
         "--calib",
         default="wikitext2",
-        help="calibration text for the Fisher weighting: wikitext2 (its validation split, the default) "
-        "or a UTF-8 text file",
+        help="calibration text (LQ-LoRA's Fisher, QWHA's activations): wikitext2 (its validation split, "
+        "the default) or a UTF-8 text file",
     )
-    fisher.add_argument("--fisher", type=Path, default=None, help="use this Fisher file (from qpeft calibrate)")
-    fisher.add_argument("--no-fisher", action="store_true", help="unweighted decomposition and costs")
+    fisher.add_argument("--fisher", type=Path, default=None, help="LQ-LoRA: use this Fisher file (qpeft calibrate)")
+    fisher.add_argument("--no-fisher", action="store_true", help="LQ-LoRA: unweighted decomposition and costs")
     _add_calib_args(dec, with_source=False)
     dec.add_argument(
         "--configs",
@@ -205,78 +219,87 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: Fisher row/column means of {len(stats.row_mean)} matrices ({how})")
 
 
-def cmd_decompose(args: argparse.Namespace) -> None:
+def _lend_threads_to_rank_zero(work, device: str):
+    """Run `work` on rank 0 while the other ranks wait (they then read its cache); on
+    CPU the waiting local ranks lend rank 0 their cores."""
     import torch
 
+    from qpeft.pipeline.decompose import rank_and_world
+
+    rank, world = rank_and_world()
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
+    threads = torch.get_num_threads()
+    if world > 1 and device == "cpu":
+        torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    try:
+        return work()
+    finally:
+        torch.set_num_threads(threads)
+        if world > 1 and rank == 0:
+            torch.distributed.barrier()
+
+
+def cmd_decompose(args: argparse.Namespace) -> None:
     from calib.batches import calibration_text
     from qpeft.allocation.grid import parse_grid
     from qpeft.allocation.ilp import parse_budget
     from qpeft.io.atomic import ensure_absent
     from qpeft.models.resolve import resolve_model
-    from qpeft.pipeline.calibrate import fisher_for
-    from qpeft.pipeline.decompose import (
-        decompose_model,
-        format_type_table,
-        init_distributed,
-        plan_matrices,
-        rank_and_world,
-    )
+    from qpeft.pipeline.calibrate import calibrate_activations, fisher_for
+    from qpeft.pipeline.decompose import decompose_model, format_type_table, init_distributed, plan_matrices
+    from qpeft.pipeline.methods import QWHA, LQLoRA
+    from qpeft.quant import parse_config
 
-    budget = parse_budget(args.budget)
+    budget = None if args.budget is None else parse_budget(args.budget)
     if args.rank < 0:
         raise QpeftError(f"--rank must be 0 or more, got {args.rank}")
     if args.refine_iters < 0:
         raise QpeftError(f"--refine-iters must be 0 or more, got {args.refine_iters}")
-    grid = parse_grid(args.configs)
+    if args.method == "qwha" and (args.fisher is not None or args.no_fisher):
+        raise QpeftError("--fisher and --no-fisher are LQ-LoRA options: QWHA is initialised from activations")
+    if args.alpha < 0:
+        raise QpeftError(f"--alpha must be 0 or more, got {args.alpha}")
+    grid = [parse_config(args.config)] if args.config else parse_grid(args.configs)
     _check_calib(args)
     _check_device(args.device)
     ensure_absent(args.out)
     if args.costs is not None and not args.costs.exists():
         raise QpeftError(f"--costs: {args.costs} does not exist")
-    if not args.no_fisher and args.fisher is None:
+    if args.method == "qwha" or (not args.no_fisher and args.fisher is None):
         calibration_text(args.calib)
     device = init_distributed(args.device)
     model_dir = resolve_model(args.model)
-    names, _ = plan_matrices(model_dir, _targets(args.targets), grid, budget)  # fail before the slow stages
-    fisher = None
-    if args.fisher is not None:
-        fisher = fisher_for(args.fisher, names)
-    elif not args.no_fisher:
-        # rank 0 computes (or finds) the cached Fisher; the other ranks then read the cache
-        rank, world = rank_and_world()
-        if world > 1 and rank != 0:
-            torch.distributed.barrier()
-        threads = torch.get_num_threads()
-        if world > 1 and device == "cpu":  # the waiting local ranks lend rank 0 their cores
-            torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        fisher = _run_calibration(args, model_dir)[0]
-        torch.set_num_threads(threads)
-        if world > 1 and rank == 0:
-            torch.distributed.barrier()
+    targets = _targets(args.targets)
+    names, _ = plan_matrices(model_dir, targets, grid, budget)  # fail before the slow stages
+    calib = (args.calib, args.calib_sequences, args.calib_seqlen, args.calib_seed, args.calib_batch_size)
+    if args.method == "qwha":
+        grams = _lend_threads_to_rank_zero(
+            lambda: calibrate_activations(model_dir, targets, *calib, args.device, args.calib_dtype)[0], device
+        )
+        method = QWHA(args.rank, grams, args.alpha)
+    else:
+        fisher = None
+        if args.fisher is not None:
+            fisher = fisher_for(args.fisher, names)
+        elif not args.no_fisher:
+            fisher = _lend_threads_to_rank_zero(lambda: _run_calibration(args, model_dir)[0], device)
+        method = LQLoRA(args.rank, fisher, args.seed, refine_iters=args.refine_iters)
     manifest = decompose_model(
-        model_dir,
-        args.out,
-        budget,
-        args.rank,
-        _targets(args.targets),
-        grid,
-        fisher,
-        device,
-        args.seed,
-        args.resume,
-        args.costs,
-        args.refine_iters,
-        source=args.model or "smollm2",
+        model_dir, args.out, budget, method, targets, grid, device, args.resume, args.costs, args.model or "smollm2"
     )
     if manifest is None:  # a non-zero rank of a distributed run
         return
     s = manifest["summary"]
     print(format_type_table(manifest["by_type"]))
-    print(
-        f"wrote {args.out}: {s['matrices']} matrices, Q {s['bits_per_param']:.4f} bits/param "
-        f"(budget {s['budget']:g}); with L1/L2 in bf16 {s['bits_with_lowrank_bf16']:.4f}, "
-        f"as NF8 {s['bits_with_lowrank_nf8']:.4f}; heat map {args.out / 'bits_heatmap.png'}"
+    target = f"config {grid[0].name}" if budget is None else f"budget {budget:g}"
+    line = (
+        f"wrote {args.out}: {s['matrices']} matrices, Q {s['bits_per_param']:.4f} bits/param ({target}); "
+        f"with the adapter ({s['adapter_params']:,} parameters, bf16) {s['bits_with_adapter']:.4f}"
     )
+    if "bits_with_lowrank_nf8" in s:
+        line += f", L1/L2 as NF8 {s['bits_with_lowrank_nf8']:.4f}"
+    print(line + f"; heat map {args.out / 'bits_heatmap.png'}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

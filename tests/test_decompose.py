@@ -33,10 +33,10 @@ def test_decompose_writes_a_checkpoint_that_eval_loads(tiny_model_dir, tiny_text
         capsys, tiny_model_dir, out, "--budget", "3bits", "--rank", 4, "--no-fisher", "--configs", SMALL_GRID
     )
     assert code == 0, err
-    assert "q_proj" in stdout and "with L1/L2 in bf16" in stdout
+    assert "q_proj" in stdout and "with the adapter" in stdout
     manifest = read_manifest(out)
     summary = manifest["summary"]
-    assert summary["bits_per_param"] <= 3.0 and summary["bits_with_lowrank_bf16"] > summary["bits_with_lowrank_nf8"]
+    assert summary["bits_per_param"] <= 3.0 and summary["bits_with_adapter"] > summary["bits_with_lowrank_nf8"]
     assert manifest["settings"]["grid"] == SMALL_GRID.split(",") and manifest["fisher"] is None
     assert (out / "bits_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not Path(f"{out}.work").exists()  # the work directory goes once the checkpoint is written
@@ -44,7 +44,7 @@ def test_decompose_writes_a_checkpoint_that_eval_loads(tiny_model_dir, tiny_text
     model = load_checkpoint(out)
     name = "model.layers.0.mlp.down_proj"
     layer = model.get_submodule(name)
-    weight = dequantize(layer.quantized) + layer.lowrank_left @ layer.lowrank_right
+    weight = dequantize(layer.quantized) + layer.adapter.delta_weight()
     x = torch.randn(3, layer.in_features)
     torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-4, atol=1e-5)
     from transformers import AutoModelForCausalLM
@@ -97,10 +97,10 @@ def test_fisher_weighted_ilp_only(tiny_model_dir, tmp_path, capsys, monkeypatch)
     manifest = read_manifest(out)
     assert manifest["fisher"]["sequences"] == 2 and manifest["fisher"]["data"] == "wikitext2:valid"
     entry = next(iter(manifest["quantized"].values()))
-    assert entry["rank"] == 0 and "weighted_rel_error" in entry and "F-rel err" in stdout
+    assert entry["rank"] == 0 and entry["adapter"] is None and "weighted_rel_error" in entry and "F-rel err" in stdout
     s = manifest["summary"]
-    assert s["bits_per_param"] == s["bits_with_lowrank_bf16"] <= 2.75
-    assert not any(key.endswith("lowrank_left") for key in manifest["weight_map"])
+    assert s["bits_per_param"] == s["bits_with_adapter"] <= 2.75
+    assert not any(".adapter." in key for key in manifest["weight_map"])
 
 
 def test_decompose_errors(tiny_model_dir, tmp_path, capsys):

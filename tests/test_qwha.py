@@ -129,3 +129,116 @@ def test_input_grams_match_a_direct_computation_and_share_inputs(tiny_model_dir)
     torch.testing.assert_close(grams.gram(names[2]), x.T @ x, rtol=1e-6, atol=1e-8)
     g = damped(grams.gram(names[2]))
     assert float(torch.linalg.eigvalsh(g).min()) > 0
+
+
+# --- the adapter module and the pipeline -------------------------------------------
+
+
+@pytest.mark.parametrize("width", [48, 64, 96])
+def test_wht_adapter_paths_agree(width, monkeypatch):
+    from qpeft.modules import adapters
+    from qpeft.modules.adapters import WHTAdapter
+    from qpeft.modules.quant_linear import QuantLinear
+
+    d_out, count = 40, 120
+    g = torch.Generator().manual_seed(width)
+    adapter = WHTAdapter(width, d_out, count)
+    flat = torch.randperm(d_out * width, generator=g)[:count].sort().values
+    adapter.rows.copy_(flat // width)
+    adapter.cols.copy_(flat % width)
+    adapter.values.data = torch.randn(count, generator=g)
+    adapter.values.requires_grad_(True)
+    dense = torch.zeros(d_out, width).index_put_((flat // width, flat % width), adapter.values.detach())
+    expected_delta = dense @ WalshHadamard(width).matrix()
+    torch.testing.assert_close(adapter.delta_weight().detach(), expected_delta, rtol=1e-5, atol=1e-5)
+    layer = QuantLinear.from_linear(torch.nn.Linear(width, d_out, bias=False), PRESETS["nf4"])
+    layer.adapter = adapter
+    x = torch.randn(5, 7, width, generator=g)
+    outputs, grads = [], []
+    for ratio in (1e9, 0.0):  # activations first, then merged
+        monkeypatch.setattr(adapters, "WHT_MERGE_TOKENS_PER_ROW", ratio)
+        adapter.values.grad = None
+        y = layer(x)
+        y.square().sum().backward()
+        outputs.append(y.detach())
+        grads.append(adapter.values.grad.clone())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(outputs[0], x @ (layer.dequantized_weight() + expected_delta).T, rtol=1e-4, atol=1e-4)
+
+
+def test_qwha_decompose_cli_writes_a_checkpoint_that_cancels_output_error(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    from qpeft.calibration.activations import load_grams
+    from qpeft.io.checkpoint import read_manifest
+    from qpeft.models.loading import load_checkpoint
+    from qpeft.models.resolve import cache_dir
+    from qpeft.models.weights import SafetensorsWeights
+    from qpeft.quant import dequantize
+    from tests.test_cli import assert_one_line_error, run
+
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
+    calib = ["--calib-sequences", 4, "--calib-seqlen", 32]
+    out = tmp_path / "qwha"
+    code, stdout, err = run(
+        capsys, "decompose", tiny_model_dir, "--out", out, "--method", "qwha", "--config", "nf3", "--rank", 2, *calib
+    )
+    assert code == 0, err
+    assert "config nf3-b64-s8x256-fp32" in stdout and "with the adapter (" in stdout
+    manifest = read_manifest(out)
+    assert manifest["method"] == "qwha" and manifest["grams"]["sequences"] == 4
+    (gram_file,) = (cache_dir() / "activations").glob("*.safetensors")
+    grams = load_grams(gram_file)
+    model = load_checkpoint(out)
+    weights = dict(SafetensorsWeights(tiny_model_dir).items())
+    for name, entry in manifest["quantized"].items():
+        assert entry["config"] == "nf3-b64-s8x256-fp32" and entry["adapter"]["kind"] == "wht"
+        assert entry["adapter"]["count"] == entry["values"] == 2 * sum(entry["shape"])
+        layer = model.get_submodule(name)
+        w = weights[f"{name}.weight"].double()
+        g = grams.gram(name)
+        quant = w - dequantize(layer.quantized).double()
+        full = quant - layer.adapter.delta_weight().detach().double()
+        assert float(((full @ g) * full).sum()) < float(((quant @ g) * quant).sum())
+    s = manifest["summary"]
+    assert s["adapter_params"] == sum(e["values"] for e in manifest["quantized"].values())
+    assert s["bits_with_adapter"] > s["bits_per_param"] and "bits_with_lowrank_nf8" not in s
+    # with a budget: the ILP picks per-matrix configs from QWHA costs
+    out2 = tmp_path / "qwha-ilp"
+    grid = "nf2-b64-s8x256-fp16,nf3-b64-s8x256-fp16,nf4-b64-s8x256-fp16"
+    code, _, err = run(
+        capsys,
+        "decompose",
+        tiny_model_dir,
+        "--out",
+        out2,
+        "--method",
+        "qwha",
+        "--budget",
+        "3",
+        "--configs",
+        grid,
+        "--rank",
+        2,
+        *calib,
+    )
+    assert code == 0, err
+    manifest = read_manifest(out2)
+    assert manifest["summary"]["bits_per_param"] <= 3.0
+    assert all(e["table_cost"] >= 0 for e in manifest["quantized"].values())
+    code, _, err = run(
+        capsys,
+        "decompose",
+        tiny_model_dir,
+        "--out",
+        tmp_path / "x",
+        "--method",
+        "qwha",
+        "--config",
+        "nf3",
+        "--no-fisher",
+    )
+    assert_one_line_error(
+        code, err, "--fisher and --no-fisher are LQ-LoRA options: QWHA is initialised from activations"
+    )

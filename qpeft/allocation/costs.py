@@ -42,6 +42,7 @@ import torch
 from qpeft.allocation.ilp import pareto_configs
 from qpeft.decompose.lowrank import lowrank_factors
 from qpeft.decompose.lqlora import alternate, row_space, weighted_error
+from qpeft.decompose.qwha import QWHASolver
 from qpeft.quant import QuantConfig
 from qpeft.quant.blockwise import normalized_blocks, scaled_levels, simulate, simulated_scales
 
@@ -170,3 +171,50 @@ def matrix_costs(
             )
             costs[j] = min(costs[j], result.error**2 / fisher_mean)
             refined.add(j)
+
+
+def qwha_matrix_costs(
+    weight: torch.Tensor,
+    configs: Sequence[QuantConfig],
+    solver: QWHASolver,
+    count: int,
+    alpha: float = 1.0,
+) -> np.ndarray:
+    """Cost of `weight` under each config for QWHA: the output error (ê − f)G_Z(ê − f)ᵀ
+    summed over rows after the QWHA init on E = W − deq(quant(W)), with G the solver's
+    input second moment (per token). Only configs the allocation could pick get an
+    init of their own:
+
+    * every config is priced by its quantization error weighted by diag(G), in one
+      O(numel) pass per (bits, block) group (as for LQ-LoRA's rank 0);
+    * the configs on the (bits, cost) Pareto front get their init and exact cost; the
+      others' estimates are rescaled by the median exact/estimate ratio of the inits
+      done so far at the same code bits (the init removes a similar share of the error
+      of configs that quantize alike); repeat until the front holds exact costs only.
+
+    Every cost the front keeps is the exact residual of a valid init."""
+    w = weight.float()
+    diag = solver.gram.diagonal().to(device=w.device, dtype=torch.float32)
+    weights = diag.unsqueeze(0).expand(w.shape).contiguous()
+    estimate = np.empty(len(configs))
+    for group in group_configs(configs):
+        members = [configs[j] for j in group]
+        estimate[group] = scale_format_errors(w, members, weights)
+    bits = np.array([c.bits_per_param for c in configs])
+    code_bits = np.array([c.bits for c in configs])
+    exact: dict[int, float] = {}
+    while True:
+        costs = estimate.copy()
+        for b in np.unique(code_bits):
+            done = [j for j in exact if code_bits[j] == b] or list(exact)
+            if done:
+                ratio = float(np.median([exact[j] / max(estimate[j], 1e-300) for j in done]))
+                costs[code_bits == b] = estimate[code_bits == b] * ratio
+        for j, value in exact.items():
+            costs[j] = value
+        todo = [j for j in pareto_configs(costs, bits) if j not in exact]
+        if not todo:
+            return costs
+        for j in todo:
+            error = w - simulate(w, configs[j])
+            exact[j] = float(solver.init(error, count, alpha).error_after.sum())

@@ -150,7 +150,7 @@ class QWHASolver:
         if gram.shape != (self.size, self.size):
             raise ValueError(f"a Gram matrix is square, got {tuple(gram.shape)}")
         self.transform = transform or WalshHadamard(self.size)
-        g = gram.to(torch.float64)
+        self.gram = g = gram.to(torch.float64)
         gram_t = self.transform.forward(self.transform.forward(g).T)  # T G Tᵀ (G symmetric)
         self.gram_t = (gram_t + gram_t.T) / 2
         self.shift = damping * float(self.gram_t.diagonal().mean())

@@ -16,6 +16,7 @@ from qpeft.models.resolve import resolve_model
 from qpeft.models.selection import select_linear
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.modules import QuantLinear
+from qpeft.modules.adapters import build_adapter
 from qpeft.quant import parse_config
 from qpeft.quant.blockwise import PART_NAMES
 
@@ -74,7 +75,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, device: str 
             linear.bias is not None,
             "meta",
             dtype,
-            rank=entry.get("rank", 0),
+            build_adapter(entry.get("adapter"), linear.in_features, linear.out_features, "meta", dtype),
         )
         model.set_submodule(name, module)
     quantized_parts = {f"{name}.{part}" for name in quantized for part in PART_NAMES}

@@ -11,11 +11,13 @@ from qpeft.quant.blockwise import PART_NAMES, part_specs
 
 
 class QuantLinear(nn.Module):
-    """y = x · deq(Q)ᵀ + (x · L2ᵀ) · L1ᵀ + b, where Q is a `QuantizedTensor` held as
-    buffers and L1 (d_out × r), L2 (r × d_in) an optional low-rank part (LQ-LoRA).
+    """y = x · (deq(Q) + ΔW)ᵀ + b, where Q is a `QuantizedTensor` held as buffers and
+    ΔW an optional adapter (`qpeft.modules.adapters`: LQ-LoRA's L1·L2, QWHA's F·T).
 
     The weight is dequantized in each forward (in the input's dtype) and never kept;
-    gradients flow to the input and, when enabled, to L1 and L2, not to the codes.
+    gradients flow to the input and, when enabled, to the adapter, not to the codes.
+    The adapter is applied to the activations, or merged into the dequantized weight
+    before the one matmul when that is cheaper for the batch (`merge_cheaper`).
     """
 
     def __init__(
@@ -26,15 +28,13 @@ class QuantLinear(nn.Module):
         bias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        rank: int = 0,
+        adapter: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.config, self.rank = in_features, out_features, config, rank
+        self.in_features, self.out_features, self.config = in_features, out_features, config
         for name, (part_dtype, numel) in part_specs(config, in_features * out_features).items():
             self.register_buffer(name, torch.empty(numel, dtype=part_dtype, device=device))
-        if rank:
-            self.lowrank_left = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype), False)
-            self.lowrank_right = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype), False)
+        self.adapter = adapter
         self.bias = (
             nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
         )
@@ -60,11 +60,13 @@ class QuantLinear(nn.Module):
         return dequantize(self.quantized, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.dequantized_weight(x.dtype), self.bias)
-        if self.rank:
-            out = out + F.linear(F.linear(x, self.lowrank_right.to(x.dtype)), self.lowrank_left.to(x.dtype))
-        return out
+        weight = self.dequantized_weight(x.dtype)
+        if self.adapter is None:
+            return F.linear(x, weight, self.bias)
+        if self.adapter.merge_cheaper(x.numel() // x.shape[-1]):
+            return F.linear(x, weight + self.adapter.delta_weight(x.dtype), self.bias)
+        return F.linear(x, weight, self.bias) + self.adapter(x)
 
     def extra_repr(self) -> str:
         sizes = f"in_features={self.in_features}, out_features={self.out_features}"
-        return f"{sizes}, config={self.config.name}, rank={self.rank}"
+        return f"{sizes}, config={self.config.name}"

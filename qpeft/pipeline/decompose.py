@@ -1,15 +1,19 @@
-"""LQ-LoRA decomposition of a model under a bit budget (Guo et al. 2024).
+"""Decomposition of a model under a bit budget: W ≈ Q + ΔW per selected matrix, by
+LQ-LoRA (Guo et al. 2024) or QWHA (`qpeft.pipeline.methods`).
 
 Stages, each streaming the selected matrices one at a time from safetensors:
 
-1. Fisher row/column statistics from calibration data (optional, cached).
-2. Cost table: cost(matrix, config) for every matrix and candidate config
-   (`qpeft.allocation.costs`). Rows are appended to `OUT.work/costs-RANK.jsonl` as
-   they finish, so `--resume` after a crash skips finished matrices. Under
+1. Calibration statistics (cached): the Fisher's row/column means for LQ-LoRA
+   (optional), the input Gram matrices XᵀX for QWHA.
+2. Cost table: cost(matrix, config) for every matrix and candidate config (the
+   method's `costs`). Rows are appended to `OUT.work/costs-RANK.jsonl` as they
+   finish, so `--resume` after a crash skips finished matrices. Under
    torch.distributed (torchrun / accelerate launch) rank k takes matrices k, k+W, ...
+   A single config (`--config`) needs no table.
 3. ILP (rank 0): one config per matrix, Σ bits·numel ≤ budget·Σ numel.
-4. Final split of each matrix under its config, written as a qpeft checkpoint:
-   Q as packed parts, L1/L2 in bf16, the rest of the model copied.
+4. Final split of each matrix under its config (the method's `split`), written as a
+   qpeft checkpoint: Q as packed parts, the adapter (L1/L2, or the WHT positions and
+   values) in bf16 under NAME.adapter., the rest of the model copied.
 """
 
 from __future__ import annotations
@@ -30,19 +34,21 @@ import torch
 from tqdm.auto import tqdm
 
 import qpeft
-from qpeft.allocation.costs import matrix_costs
-from qpeft.allocation.ilp import check_budget, ilp_allocate
+from qpeft.allocation.ilp import Allocation, check_budget, ilp_allocate
+from qpeft.calibration.activations import InputGrams
 from qpeft.calibration.fisher import FisherStats
-from qpeft.decompose.lqlora import lq_decompose, weighted_error
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory, atomic_file
 from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, stream_model, write_manifest
 from qpeft.models.loading import stored_linear
 from qpeft.models.resolve import copy_model_files
 from qpeft.models.weights import SafetensorsWeights
+from qpeft.pipeline.methods import QWHA, LQLoRA
 from qpeft.quant import PRESETS, QuantConfig, dequantize, storage_bits
 
-LOWRANK_DTYPE = torch.bfloat16
+Method = LQLoRA | QWHA
+# method attributes that hold calibration statistics: manifest key → heat-map label
+CALIBRATIONS = {"fisher": "Fisher", "grams": "activations"}
 COST_TABLE_NAME = "cost_table.json"
 HEATMAP_NAME = "bits_heatmap.png"
 
@@ -53,16 +59,23 @@ class DecomposeSettings:
 
     model: str  # fingerprint of the model's weights
     targets: list[str]
-    rank: int
     grid: list[str]  # config names
-    fisher: dict[str, Any] | None  # the Fisher file's settings, or None
-    seed: int = 0
-    max_iters: int = 20
-    rel_tol: float = 1e-3
-    refine_iters: int = 5
+    method: str
+    method_settings: dict[str, Any]  # the method's own, its calibration's identity included
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def method_settings(method: Method) -> dict[str, Any]:
+    """What of a method changes its costs: its parameters, and its calibration's
+    settings (not how long or where the calibration ran)."""
+    out: dict[str, Any] = {}
+    for key, value in method.__dict__.items():
+        if isinstance(value, FisherStats | InputGrams):
+            value = {k: v for k, v in value.metadata.items() if k not in ("seconds", "device")}
+        out[key] = value
+    return out
 
 
 @dataclass
@@ -146,7 +159,7 @@ def compute_cost_table(
     names: Sequence[str],
     grid: Sequence[QuantConfig],
     settings: DecomposeSettings,
-    fisher: FisherStats | None,
+    method: Method,
     work: Path,
     device: str,
 ) -> CostTable | None:
@@ -170,18 +183,7 @@ def compute_cost_table(
                 continue
             name = todo[key]
             w = tensor.to(device).float()
-            row_w, col_w = (None, None) if fisher is None else (t.to(device) for t in fisher.weights(name))
-            costs = matrix_costs(
-                w,
-                grid,
-                settings.rank,
-                row_w,
-                col_w,
-                settings.seed,
-                settings.max_iters,
-                settings.rel_tol,
-                settings.refine_iters,
-            )
+            costs = method.costs(name, w, grid)
             out.write(json.dumps({"name": name, "shape": list(w.shape), "costs": costs.tolist()}) + "\n")
             out.flush()
             os.fsync(out.fileno())
@@ -259,51 +261,45 @@ def lowrank_bits(rank: int, shape: tuple[int, int], nf8: bool) -> int:
 
 
 def _split_matrix(
-    weight: torch.Tensor,
-    config: QuantConfig,
-    settings: DecomposeSettings,
-    fisher: FisherStats | None,
-    name: str,
-    writer: ShardWriter,
+    weight: torch.Tensor, config: QuantConfig, method: Method, name: str, writer: ShardWriter
 ) -> dict[str, Any]:
     w = weight.float()
-    row_w, col_w = (None, None) if fisher is None else (t.to(w.device) for t in fisher.weights(name))
-    result = lq_decompose(w, config, settings.rank, row_w, col_w, settings.max_iters, settings.rel_tol, settings.seed)
-    for part, value in result.quantized.tensors().items():
+    split = method.split(name, w, config)
+    for part, value in split.quantized.tensors().items():
         writer.add(f"{name}.{part}", value)
-    recon = dequantize(result.quantized)
-    if settings.rank:
-        left, right = result.left.to(LOWRANK_DTYPE), result.right.to(LOWRANK_DTYPE)
-        writer.add(f"{name}.lowrank_left", left)
-        writer.add(f"{name}.lowrank_right", right)
-        recon += left.float() @ right.float()  # the factors as stored
-    diff = w - recon
+    for part, value in split.adapter.items():
+        writer.add(f"{name}.adapter.{part}", value)
+    recon = dequantize(split.quantized)
+    if split.delta is not None:
+        recon += split.delta  # as stored
     norm = float(torch.linalg.norm(w)) or 1.0
     entry: dict[str, Any] = {
         "config": config.name,
         "shape": list(w.shape),
-        "rank": settings.rank,
         "bits": storage_bits(config, w.numel()) / w.numel(),
-        "rel_error": float(torch.linalg.norm(diff)) / norm,
-        "iterations": result.iterations,
+        "adapter": split.spec,
+        "adapter_bits": sum(8 * t.numel() * t.element_size() for t in split.adapter.values()),
+        "adapter_params": sum(t.numel() for t in split.adapter.values() if t.is_floating_point()),
+        "rel_error": float(torch.linalg.norm(w - recon)) / norm,
     }
-    if row_w is not None:
-        entry["weighted_rel_error"] = weighted_error(diff, row_w, col_w) / (weighted_error(w, row_w, col_w) or 1.0)
-    return entry
+    return entry | split.report
 
 
-def summarise(matrices: dict[str, Any], rank: int) -> dict[str, float]:
+def summarise(matrices: dict[str, Any]) -> dict[str, float]:
     numel = sum(m["shape"][0] * m["shape"][1] for m in matrices.values())
     q_bits = sum(m["bits"] * m["shape"][0] * m["shape"][1] for m in matrices.values())
-    bf16 = sum(lowrank_bits(rank, tuple(m["shape"]), False) for m in matrices.values())
-    nf8 = sum(lowrank_bits(rank, tuple(m["shape"]), True) for m in matrices.values())
-    return {
+    adapter = sum(m["adapter_bits"] for m in matrices.values())
+    summary = {
         "matrices": len(matrices),
         "params": numel,
         "bits_per_param": q_bits / numel,
-        "bits_with_lowrank_bf16": (q_bits + bf16) / numel,
-        "bits_with_lowrank_nf8": (q_bits + nf8) / numel,
+        "bits_with_adapter": (q_bits + adapter) / numel,
+        "adapter_params": sum(m["adapter_params"] for m in matrices.values()),
     }
+    if any((m["adapter"] or {}).get("kind") == "lowrank" for m in matrices.values()):
+        nf8 = sum(lowrank_bits(m["rank"], tuple(m["shape"]), True) for m in matrices.values())
+        summary["bits_with_lowrank_nf8"] = (q_bits + nf8) / numel
+    return summary
 
 
 def layer_type(name: str) -> str:
@@ -378,41 +374,35 @@ def bits_heatmap(matrices: dict[str, Any], path: Path, title: str) -> None:
 
 
 def plan_matrices(
-    model_dir: Path, targets: Sequence[str], grid: Sequence[QuantConfig], budget: float
+    model_dir: Path, targets: Sequence[str], grid: Sequence[QuantConfig], budget: float | None
 ) -> tuple[list[str], list[int]]:
     """The selected matrices and their sizes; errors (before any slow stage) if one is
-    missing from the weights or the budget cannot be met."""
+    missing from the weights or the budget cannot be met (None: one uniform config)."""
     sizes = stored_linear(model_dir, SafetensorsWeights(model_dir), targets)
     names, numel = list(sizes), list(sizes.values())
-    check_budget(budget, storage_bits_table(grid, numel), numel)
+    if budget is None and len(grid) != 1:
+        raise QpeftError("give a bit budget, or a single config")
+    if budget is not None:
+        check_budget(budget, storage_bits_table(grid, numel), numel)
     return names, numel
-
-
-def _fisher_settings(fisher: FisherStats | None) -> dict[str, Any] | None:
-    """The Fisher's identity: its settings, not how long or where it ran."""
-    if fisher is None:
-        return None
-    return {k: v for k, v in fisher.metadata.items() if k not in ("seconds", "device")}
 
 
 def decompose_model(
     model_dir: Path,
     out_dir: Path,
-    budget: float,
-    rank: int,
+    budget: float | None,
+    method: Method,
     targets: Sequence[str],
     grid: Sequence[QuantConfig],
-    fisher: FisherStats | None = None,
     device: str = "cpu",
-    seed: int = 0,
     resume: bool = False,
     costs_from: Path | None = None,
-    refine_iters: int = 5,
     source: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> dict[str, Any] | None:
-    """Run stages 2–4 (the Fisher is given) and write the checkpoint to `out_dir`.
-    Returns the manifest on rank 0, None on the other ranks."""
+    """Run stages 2–4 (the method holds its calibration) and write the checkpoint to
+    `out_dir`; `budget` None with a one-config `grid` puts every matrix under that
+    config. Returns the manifest on rank 0, None on the other ranks."""
     from qpeft.pipeline.calibrate import model_fingerprint
 
     rank_id, world = rank_and_world()
@@ -420,29 +410,32 @@ def decompose_model(
     weights = SafetensorsWeights(model_dir)
     names, numel = plan_matrices(model_dir, targets, grid, budget)
     settings = DecomposeSettings(
-        model_fingerprint(model_dir),
-        list(targets),
-        rank,
-        [c.name for c in grid],
-        _fisher_settings(fisher),
-        seed,
-        refine_iters=refine_iters,
+        model_fingerprint(model_dir), list(targets), [c.name for c in grid], method.name, method_settings(method)
     )
     work = work_dir_for(out_dir)
-    if costs_from is not None:
+    if len(grid) == 1:  # one config for every matrix: nothing to allocate
+        table = CostTable(list(names), [], [grid[0].name], np.zeros((len(names), 1)), settings=settings.as_dict())
+        if rank_id != 0:
+            return None
+    elif costs_from is not None:
         table = load_cost_table(costs_from, settings) if rank_id == 0 else None
     else:
         if rank_id == 0:
             prepare_work_dir(work, settings, resume)
         _barrier()
-        table = compute_cost_table(model_dir, names, grid, settings, fisher, work, device)
+        table = compute_cost_table(model_dir, names, grid, settings, method, work, device)
     if table is None:
         return None
     if table.names != list(names):
         raise QpeftError("the cost table's matrices are not the selected ones")
 
     solve_start = time.perf_counter()
-    allocation = ilp_allocate(table.costs, storage_bits_table(grid, numel), numel, budget)
+    bits = storage_bits_table(grid, numel)
+    if budget is None:
+        average = float((bits[:, 0] * np.asarray(numel)).sum() / sum(numel))
+        allocation = Allocation([0] * len(names), 0.0, average, len(names), "uniform")
+    else:
+        allocation = ilp_allocate(table.costs, bits, numel, budget)
     solve_seconds = time.perf_counter() - solve_start
     chosen = {name: grid[j] for name, j in zip(names, allocation.choice, strict=True)}
     table_cost = {
@@ -453,29 +446,33 @@ def decompose_model(
     selected = {f"{n}.weight": n for n in names}
 
     def split(name: str, tensor: torch.Tensor) -> dict[str, Any]:
-        entry = _split_matrix(tensor.to(device), chosen[name], settings, fisher, name, writer)
-        return entry | {"table_cost": table_cost[name]}
+        entry = _split_matrix(tensor.to(device), chosen[name], method, name, writer)
+        return entry | ({"table_cost": table_cost[name]} if len(grid) > 1 else {})
 
+    calibration = method_settings(method)
     with atomic_directory(out_dir) as tmp:
         copy_model_files(model_dir, tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
         matrices = stream_model(weights, writer, selected, split, "write")
         matrices = {n: matrices[n] for n in names}
-        save_cost_table(tmp / COST_TABLE_NAME, table)
-        summary = summarise(matrices, rank) | {
+        if len(grid) > 1:
+            save_cost_table(tmp / COST_TABLE_NAME, table)
+        summary = summarise(matrices) | {
             "budget": budget,
             "ilp_objective": allocation.cost,
             "ilp_average_bits": allocation.average_bits,
             "ilp_variables": allocation.kept_variables,
         }
-        title = f"{source or model_dir}: budget {budget:g}, rank {rank}, " + ("Fisher" if fisher else "no Fisher")
+        calib = next((label for key, label in CALIBRATIONS.items() if calibration.get(key)), "no calibration")
+        target = grid[0].name if budget is None else f"budget {budget:g}"
+        title = f"{source or model_dir}: {method.name}, {target}, rank {calibration['rank']}, {calib}"
         bits_heatmap(matrices, tmp / HEATMAP_NAME, title)
         manifest = {
-            "method": "lqlora",
+            "method": method.name,
             "base_model": {"path": str(model_dir), "source": source or str(model_dir), "fingerprint": settings.model},
             "targets": list(targets),
             "settings": settings.as_dict() | {"budget": budget, "grid_size": len(grid)},
-            "fisher": fisher.metadata if fisher else None,
+            **{key: getattr(getattr(method, key, None), "metadata", None) for key in CALIBRATIONS},
             "quantized": matrices,
             "summary": summary,
             "by_type": type_table(matrices),

@@ -164,3 +164,9 @@ class WalshHadamard:
     def matrix(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense orthonormal n×n matrix T with forward(x) = x·Tᵀ (tests, small n)."""
         return self.forward(torch.eye(self.size, dtype=dtype)).T
+
+
+@functools.cache
+def walsh_hadamard(size: int) -> WalshHadamard:
+    """The shared transform of width `size` (its factor matrices are cached per device)."""
+    return WalshHadamard(size)

@@ -1,0 +1,112 @@
+"""Trainable high-precision residuals over a frozen quantized base: ΔW of W ≈ Q + ΔW.
+
+Each adapter kind is an nn.Module with
+* `forward(x)`: its contribution x·ΔWᵀ, computed without forming ΔW when cheaper;
+* `delta_weight(dtype)`: ΔW itself (d_out × d_in);
+* `merge_cheaper(tokens)`: whether adding ΔW to the dequantized base before the one
+  matmul is cheaper than `forward` for a batch of `tokens` rows;
+* `spec()`: the JSON the checkpoint manifest stores to rebuild it (`build_adapter`).
+A new kind is one class here registered in ADAPTERS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qpeft.errors import QpeftError
+from qpeft.transforms.hadamard import walsh_hadamard
+
+# Above this many rows per output channel the WHT adapter is merged into the weight:
+# transforming the d_out coefficient rows once is then cheaper than transforming every
+# token's activations and gathering (tools/bench_wht_adapter.py, docs/RESULTS.md).
+WHT_MERGE_TOKENS_PER_ROW = 0.5
+
+
+class LowRankAdapter(nn.Module):
+    """ΔW = L1·L2 with L1 (d_out × r) = `left`, L2 (r × d_in) = `right` (LoRA, LQ-LoRA)."""
+
+    kind = "lowrank"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.rank = rank
+        self.left = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype), False)
+        self.right = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype), False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.right.to(x.dtype)), self.left.to(x.dtype))
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.left.to(dtype) @ self.right.to(dtype)
+
+    def merge_cheaper(self, tokens: int) -> bool:
+        return False  # r·(d_in + d_out) per token: never worth a d_out × d_in product here
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": self.rank}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], in_features: int, out_features: int, device, dtype) -> LowRankAdapter:
+        return cls(in_features, out_features, int(spec["rank"]), device, dtype)
+
+
+class WHTAdapter(nn.Module):
+    """ΔW = F·T (QWHA): F sparse, `values` at (`rows`, `cols`), T the orthonormal
+    Walsh–Hadamard transform of width d_in.
+
+    Two ways to apply it: activations first, x·ΔWᵀ = (x·Tᵀ)·Fᵀ, a transform of each
+    token and a gathered product (tokens·(d_in·Σfactors + n) work); or merged, ΔW =
+    F·T added to the dequantized base before its matmul (d_out·d_in·Σfactors work,
+    independent of the tokens). `merge_cheaper` picks by the measured crossover."""
+
+    kind = "wht"
+
+    def __init__(self, in_features: int, out_features: int, count: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.count = in_features, out_features, count
+        index_dtype = torch.int16 if max(in_features, out_features) <= torch.iinfo(torch.int16).max else torch.int32
+        self.values = nn.Parameter(torch.empty(count, device=device, dtype=dtype), False)
+        self.register_buffer("rows", torch.empty(count, dtype=index_dtype, device=device))
+        self.register_buffer("cols", torch.empty(count, dtype=index_dtype, device=device))
+        self.transform = walsh_hadamard(in_features)
+
+    def coefficients(self, dtype: torch.dtype) -> torch.Tensor:
+        """F as a dense d_out × d_in matrix (differentiable in `values`)."""
+        f = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.values.device)
+        return f.index_put((self.rows.long(), self.cols.long()), self.values.to(dtype), accumulate=True)
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.transform.inverse(self.coefficients(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spectrum = self.transform.forward(x)  # x·Tᵀ
+        gathered = spectrum.index_select(-1, self.cols.long()) * self.values.to(x.dtype)
+        out = x.new_zeros(*x.shape[:-1], self.out_features)
+        return out.index_add(-1, self.rows.long(), gathered)
+
+    def merge_cheaper(self, tokens: int) -> bool:
+        return tokens >= WHT_MERGE_TOKENS_PER_ROW * self.out_features
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "count": self.count, "transform": self.transform.note or "hadamard"}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], in_features: int, out_features: int, device, dtype) -> WHTAdapter:
+        return cls(in_features, out_features, int(spec["count"]), device, dtype)
+
+
+ADAPTERS: dict[str, type[nn.Module]] = {LowRankAdapter.kind: LowRankAdapter, WHTAdapter.kind: WHTAdapter}
+
+
+def build_adapter(spec: dict[str, Any] | None, in_features: int, out_features: int, device=None, dtype=None):
+    """The (empty) adapter a manifest's spec describes, or None for no adapter."""
+    if not spec:
+        return None
+    kind = spec.get("kind")
+    if kind not in ADAPTERS:
+        raise QpeftError(f"unknown adapter kind {kind!r} (this qpeft knows {', '.join(ADAPTERS)})")
+    return ADAPTERS[kind].from_spec(spec, in_features, out_features, device, dtype)

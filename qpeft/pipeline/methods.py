@@ -1,0 +1,128 @@
+"""Decomposition methods of `qpeft decompose`: how one matrix is priced under every
+candidate config (the cost table) and split under its chosen config (W ≈ Q + ΔW).
+
+A method is a class with `costs(name, weight, grid)` and `split(name, weight,
+config)`, registered in METHODS; the pipeline (`qpeft.pipeline.decompose`) streams
+the matrices, runs the ILP and writes the checkpoint for all of them alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from qpeft.allocation.costs import matrix_costs, qwha_matrix_costs
+from qpeft.calibration.activations import InputGrams
+from qpeft.calibration.fisher import FisherStats
+from qpeft.decompose.lqlora import lq_decompose, weighted_error
+from qpeft.decompose.qwha import QWHASolver, parameter_count
+from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize
+from qpeft.transforms.hadamard import walsh_hadamard
+
+ADAPTER_DTYPE = torch.bfloat16  # L1/L2 and WHT values are stored (and trained) in bf16
+
+
+@dataclass
+class Split:
+    """One matrix under its config: Q, the adapter's tensors (keys under NAME.adapter.)
+    and manifest spec, and what the method reports about it."""
+
+    quantized: QuantizedTensor
+    adapter: dict[str, torch.Tensor] = field(default_factory=dict)
+    spec: dict[str, Any] | None = None
+    delta: torch.Tensor | None = None  # ΔW as stored (fp32), for the error report
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LQLoRA:
+    """W ≈ Q + L1·L2 by alternation, Fisher-weighted when a Fisher is given (LQ-LoRA)."""
+
+    rank: int
+    fisher: FisherStats | None = None
+    seed: int = 0
+    max_iters: int = 20
+    rel_tol: float = 1e-3
+    refine_iters: int = 5
+    name = "lqlora"
+
+    def _weights(self, name: str, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.fisher is None:
+            return None, None
+        row, col = self.fisher.weights(name)
+        return row.to(device), col.to(device)
+
+    def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray:
+        row, col = self._weights(name, weight.device)
+        return matrix_costs(
+            weight, grid, self.rank, row, col, self.seed, self.max_iters, self.rel_tol, self.refine_iters
+        )
+
+    def split(self, name: str, weight: torch.Tensor, config: QuantConfig) -> Split:
+        row, col = self._weights(name, weight.device)
+        result = lq_decompose(weight, config, self.rank, row, col, self.max_iters, self.rel_tol, self.seed)
+        split = Split(result.quantized, report={"rank": self.rank, "iterations": result.iterations})
+        if self.rank:
+            left, right = result.left.to(ADAPTER_DTYPE), result.right.to(ADAPTER_DTYPE)
+            split.adapter = {"left": left, "right": right}
+            split.spec = {"kind": "lowrank", "rank": self.rank}
+            split.delta = left.float() @ right.float()
+        if row is not None:
+            diff = weight - dequantize(result.quantized) - (0 if split.delta is None else split.delta)
+            split.report["weighted_rel_error"] = weighted_error(diff, row, col) / (
+                weighted_error(weight, row, col) or 1.0
+            )
+        return split
+
+
+@dataclass
+class QWHA:
+    """W ≈ Q + F·T: Q = quant(W), F the sparse Walsh–Hadamard spectrum initialised to
+    cancel W − deq(Q) on the calibration activations (QWHA), n = rank·(d_in + d_out)."""
+
+    rank: int
+    grams: InputGrams
+    alpha: float = 1.0
+    name = "qwha"
+
+    def _solver(self, name: str, device: torch.device) -> QWHASolver:
+        moment = self.grams.second_moment(name).to(device)
+        return QWHASolver(moment, transform=walsh_hadamard(moment.shape[0]))
+
+    def output_moment(self, name: str) -> torch.Tensor:
+        return self.grams.second_moment(name)
+
+    def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray:
+        count = parameter_count(self.rank, tuple(weight.shape))
+        return qwha_matrix_costs(weight, grid, self._solver(name, weight.device), count, self.alpha)
+
+    def split(self, name: str, weight: torch.Tensor, config: QuantConfig) -> Split:
+        quantized = quantize(weight, config)
+        report: dict[str, Any] = {"rank": self.rank}
+        if self.rank == 0:
+            return Split(quantized, report=report)
+        solver = self._solver(name, weight.device)
+        init = solver.init(weight - dequantize(quantized), parameter_count(self.rank, tuple(weight.shape)), self.alpha)
+        spectrum = init.spectrum
+        index_dtype = torch.int16 if max(weight.shape) <= torch.iinfo(torch.int16).max else torch.int32
+        values = spectrum.values.to(ADAPTER_DTYPE)
+        stored = type(spectrum)(spectrum.shape, spectrum.rows, spectrum.cols, values.float())
+        report |= {
+            "values": spectrum.values.numel(),
+            "max_per_row": int(init.counts.max()),
+            "rows_reset": init.rows_reset,
+        }
+        return Split(
+            quantized,
+            adapter={"values": values, "rows": spectrum.rows.to(index_dtype), "cols": spectrum.cols.to(index_dtype)},
+            spec={"kind": "wht", "count": spectrum.values.numel(), "transform": solver.transform.note or "hadamard"},
+            delta=stored.delta_weight(solver.transform),
+            report=report,
+        )
+
+
+METHODS = {"lqlora": LQLoRA, "qwha": QWHA}
