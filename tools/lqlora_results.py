@@ -74,7 +74,7 @@ def main() -> None:
                     label,
                     budget,
                     s["bits_per_param"],
-                    s["bits_with_lowrank_bf16"],
+                    s["bits_with_adapter"],
                     s["bits_with_lowrank_nf8"],
                     evaluate(ckpt, args),
                 )
