@@ -242,3 +242,31 @@ def test_qwha_decompose_cli_writes_a_checkpoint_that_cancels_output_error(
     assert_one_line_error(
         code, err, "--fisher and --no-fisher are LQ-LoRA options: QWHA is initialised from activations"
     )
+
+
+def test_output_errors_match_captured_activations(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qpeft.eval.output_error import output_errors
+    from qpeft.models.selection import select_linear
+    from qpeft.pipeline.quantize import quantize_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    names = select_linear(model)
+    batches = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    grams = input_grams(model, names, batches, progress=False)
+    quantize_model(tiny_model_dir, tmp_path / "nf3", PRESETS["nf3"])
+    result = output_errors(tmp_path / "nf3", tiny_model_dir, grams)
+    assert set(result.per_matrix) == set(names)
+    name = "model.layers.1.self_attn.o_proj"
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=batches)
+    handle.remove()
+    x = seen[0].reshape(-1, seen[0].shape[-1]).double()
+    w = model.get_submodule(name).weight.detach().double()
+    approx = simulate(w.float(), PRESETS["nf3"]).double()
+    expected = float((x @ (w - approx).T).norm() / (x @ w.T).norm())
+    assert result.per_matrix[name] == pytest.approx(expected, rel=1e-6)
+    assert min(result.per_matrix.values()) <= result.total <= max(result.per_matrix.values())
