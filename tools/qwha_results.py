@@ -71,7 +71,7 @@ def main() -> None:
         sh("calibrate", "smollm2", "--out", work / "fisher.safetensors")
     window_args = ["--max-windows", args.max_windows] if args.max_windows else []
     rows = []
-    targets = [*args.configs.split(","), *args.budgets.split(",")]
+    targets = [t for t in [*args.configs.split(","), *args.budgets.split(",")] if t]
     for method in args.methods.split(","):
         for rank in [0] if method == "quant" else [int(r) for r in args.ranks.split(",")]:
             costs = None
