@@ -23,7 +23,7 @@ from qpeft.transforms.hadamard import walsh_hadamard
 # Above this many rows per output channel the WHT adapter is merged into the weight:
 # transforming the d_out coefficient rows once is then cheaper than transforming every
 # token's activations and gathering (tools/bench_wht_adapter.py, docs/RESULTS.md).
-WHT_MERGE_TOKENS_PER_ROW = 0.5
+WHT_MERGE_TOKENS_PER_ROW = 0.08
 
 
 class LowRankAdapter(nn.Module):
