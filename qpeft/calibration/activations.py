@@ -9,20 +9,17 @@ SmolLM2 that is 4 matrices per decoder layer instead of 7 (0.8 GB in fp64).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from qpeft.errors import QpeftError
-from qpeft.io.atomic import atomic_file
+from qpeft.io.tagged import load_tagged, save_tagged
 
 METADATA_KEY = "qpeft_input_grams"
 DAMPING = 1e-4  # × mean diagonal, added to G before any solve (QWHA; GPTQ uses 1e-2)
@@ -48,15 +45,16 @@ class InputGrams:
         return self.gram(name) / self.tokens
 
 
-def damped(gram: torch.Tensor, ratio: float = DAMPING) -> torch.Tensor:
-    """G + ratio·mean(diag G)·I: positive definite even for dead input channels."""
-    shift = ratio * float(gram.diagonal().mean()) or ratio
-    return gram + shift * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+def damping_shift(gram: torch.Tensor, ratio: float = DAMPING) -> float:
+    """ratio·mean(diag G): added to the diagonal of G (or of T·G·Tᵀ, whose diagonal
+    has the same mean for an orthogonal T) before a solve, so that dead input
+    channels do not make it singular."""
+    return ratio * float(gram.diagonal().mean())
 
 
 class _GramHooks:
     def __init__(self, modules: dict[str, nn.Linear], device: torch.device) -> None:
-        self.modules, self.device = modules, device
+        self.device = device
         self.owner: dict[str, str] = {}
         self.grams: dict[str, torch.Tensor] = {}
         self._first_batch: dict[int, tuple[str, torch.Tensor]] = {}  # id → (key, tensor kept alive)
@@ -114,23 +112,10 @@ def input_grams(
 
 
 def save_grams(path: Path, grams: InputGrams) -> None:
-    meta = {"owner": grams.owner, "tokens": grams.tokens, "settings": grams.metadata}
-    with atomic_file(Path(path)) as tmp:
-        save_file(
-            {k: g.contiguous() for k, g in grams.grams.items()}, str(tmp), metadata={METADATA_KEY: json.dumps(meta)}
-        )
+    description = {"owner": grams.owner, "tokens": grams.tokens, "settings": grams.metadata}
+    save_tagged(path, grams.grams, METADATA_KEY, description)
 
 
 def load_grams(path: Path) -> InputGrams:
-    path = Path(path)
-    if not path.is_file():
-        raise QpeftError(f"activation statistics not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {}).get(METADATA_KEY, "null"))
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise QpeftError(f"cannot read the activation statistics {path}: {exc}") from exc
-    if meta is None:
-        raise QpeftError(f"{path} is not a qpeft activation file (no {METADATA_KEY} metadata)")
-    return InputGrams(tensors, meta["owner"], meta["tokens"], meta["settings"])
+    tensors, description = load_tagged(path, METADATA_KEY, "activation file")
+    return InputGrams(tensors, description["owner"], description["tokens"], description["settings"])

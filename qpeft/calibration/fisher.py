@@ -23,13 +23,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from qpeft.errors import QpeftError
-from qpeft.io.atomic import atomic_file
+from qpeft.io.tagged import load_tagged, save_tagged
 
 METADATA_KEY = "qpeft_fisher"
 
@@ -119,24 +117,13 @@ def empirical_fisher(
 
 def save_fisher(path: Path, stats: FisherStats) -> None:
     """Write the statistics (and their settings as metadata) atomically."""
-    tensors = {f"{n}.row_mean": t.contiguous() for n, t in stats.row_mean.items()}
-    tensors |= {f"{n}.col_mean": t.contiguous() for n, t in stats.col_mean.items()}
-    with atomic_file(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(stats.metadata, sort_keys=True)})
+    tensors = {f"{n}.row_mean": t for n, t in stats.row_mean.items()}
+    tensors |= {f"{n}.col_mean": t for n, t in stats.col_mean.items()}
+    save_tagged(path, tensors, METADATA_KEY, stats.metadata)
 
 
 def load_fisher(path: Path) -> FisherStats:
-    path = Path(path)
-    if not path.is_file():
-        raise QpeftError(f"Fisher file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = json.loads((handle.metadata() or {}).get(METADATA_KEY, "null"))
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise QpeftError(f"cannot read the Fisher file {path}: {exc}") from exc
-    if metadata is None:
-        raise QpeftError(f"{path} is not a qpeft Fisher file (no {METADATA_KEY} metadata)")
+    tensors, metadata = load_tagged(path, METADATA_KEY, "Fisher file")
     row = {k.removesuffix(".row_mean"): v for k, v in tensors.items() if k.endswith(".row_mean")}
     col = {k.removesuffix(".col_mean"): v for k, v in tensors.items() if k.endswith(".col_mean")}
     return FisherStats(row, col, metadata)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qpeft.calibration.activations import DAMPING
+from qpeft.calibration.activations import DAMPING, damping_shift
 from qpeft.transforms.hadamard import WalshHadamard
 
 # rows of k × k systems solved at once: bounds the gathered G_Z blocks to ~256 MB
@@ -153,7 +153,7 @@ class QWHASolver:
         self.gram = g = gram.to(torch.float64)
         gram_t = self.transform.forward(self.transform.forward(g).T)  # T G Tᵀ (G symmetric)
         self.gram_t = (gram_t + gram_t.T) / 2
-        self.shift = damping * float(self.gram_t.diagonal().mean())
+        self.shift = damping_shift(self.gram_t, damping)
 
     def init(self, error: torch.Tensor, count: int, alpha: float = 1.0) -> QWHAInit:
         """The sparse spectrum F (`count` values) that best cancels `error`

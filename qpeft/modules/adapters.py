@@ -26,6 +26,11 @@ from qpeft.transforms.hadamard import walsh_hadamard
 WHT_MERGE_TOKENS_PER_ROW = 0.08
 
 
+def index_dtype(shape: tuple[int, int]) -> torch.dtype:
+    """The narrowest integer type that holds every row and column index of `shape`."""
+    return torch.int16 if max(shape) <= torch.iinfo(torch.int16).max else torch.int32
+
+
 class LowRankAdapter(nn.Module):
     """ΔW = L1·L2 with L1 (d_out × r) = `left`, L2 (r × d_in) = `right` (LoRA, LQ-LoRA)."""
 
@@ -68,10 +73,10 @@ class WHTAdapter(nn.Module):
     def __init__(self, in_features: int, out_features: int, count: int, device=None, dtype=None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.count = in_features, out_features, count
-        index_dtype = torch.int16 if max(in_features, out_features) <= torch.iinfo(torch.int16).max else torch.int32
+        positions = index_dtype((out_features, in_features))
         self.values = nn.Parameter(torch.empty(count, device=device, dtype=dtype), False)
-        self.register_buffer("rows", torch.empty(count, dtype=index_dtype, device=device))
-        self.register_buffer("cols", torch.empty(count, dtype=index_dtype, device=device))
+        self.register_buffer("rows", torch.empty(count, dtype=positions, device=device))
+        self.register_buffer("cols", torch.empty(count, dtype=positions, device=device))
         self.transform = walsh_hadamard(in_features)
 
     def coefficients(self, dtype: torch.dtype) -> torch.Tensor:

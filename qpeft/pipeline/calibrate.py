@@ -6,7 +6,7 @@ import hashlib
 import shutil
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +64,32 @@ def _model_and_batches(model_dir: Path, settings: dict[str, Any], text: str, dev
     return model.eval(), batches
 
 
-def _selected(model_dir: Path, targets: Sequence[str]) -> list[str]:
+def _cached_statistics(
+    kind: str,
+    model_dir: Path,
+    targets: Sequence[str],
+    settings: dict[str, Any],
+    text: str,
+    device: str,
+    compute: Callable[[Any, list[str], Any], Any],
+    load: Callable[[Path], Any],
+    save: Callable[[Path, Any], None],
+) -> tuple[Any, Path, bool]:
+    """(statistics, cache file, whether it was a hit) of one kind ($QPEFT_CACHE/KIND/,
+    keyed by `settings`): loaded, or computed by compute(model, layer names, batches)
+    and saved with the settings and run time as its metadata."""
     from qpeft.models.loading import build_skeleton
 
-    return select_linear(build_skeleton(model_dir), targets)
+    cached = cache_dir() / kind / f"{settings_key(settings)}.safetensors"
+    if cached.is_file():
+        return load(cached), cached, True
+    model, batches = _model_and_batches(model_dir, settings, text, device)
+    start = time.perf_counter()
+    stats = compute(model, select_linear(build_skeleton(model_dir), targets), batches)
+    stats.metadata = {**settings, "seconds": round(time.perf_counter() - start, 1), "device": device}
+    del model
+    save(cached, stats)
+    return stats, cached, False
 
 
 def calibrate(
@@ -86,17 +108,17 @@ def calibrate(
     the cache). The cache ($QPEFT_CACHE/fisher) is keyed by everything that changes
     the result; `out` also gets a copy."""
     settings, text = _settings(model_dir, targets, data, num_sequences, seqlen, seed, dtype)
-    cached = cache_dir() / "fisher" / f"{settings_key(settings)}.safetensors"
-    hit = cached.is_file()
-    if hit:
-        stats = load_fisher(cached)
-    else:
-        model, batches = _model_and_batches(model_dir, settings, text, device)
-        start = time.perf_counter()
-        stats = empirical_fisher(model, _selected(model_dir, targets), batches, batch_size)
-        stats.metadata = {**settings, "seconds": round(time.perf_counter() - start, 1), "device": device}
-        del model
-        save_fisher(cached, stats)
+    stats, cached, hit = _cached_statistics(
+        "fisher",
+        model_dir,
+        targets,
+        settings,
+        text,
+        device,
+        lambda model, names, batches: empirical_fisher(model, names, batches, batch_size),
+        load_fisher,
+        save_fisher,
+    )
     if out is not None and Path(out).resolve() != cached.resolve():
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cached, out)
@@ -118,16 +140,18 @@ def calibrate_activations(
     Fisher (same settings, same sequences): (grams, whether from the cache
     $QPEFT_CACHE/activations)."""
     settings, text = _settings(model_dir, targets, data, num_sequences, seqlen, seed, dtype)
-    cached = cache_dir() / "activations" / f"{settings_key(settings)}.safetensors"
-    if cached.is_file():
-        return load_grams(cached), True
-    model, batches = _model_and_batches(model_dir, settings, text, device)
-    start = time.perf_counter()
-    grams = input_grams(model, _selected(model_dir, targets), batches, batch_size)
-    grams.metadata = {**settings, "seconds": round(time.perf_counter() - start, 1), "device": device}
-    del model
-    save_grams(cached, grams)
-    return grams, False
+    grams, _, hit = _cached_statistics(
+        "activations",
+        model_dir,
+        targets,
+        settings,
+        text,
+        device,
+        lambda model, names, batches: input_grams(model, names, batches, batch_size),
+        load_grams,
+        save_grams,
+    )
+    return grams, hit
 
 
 def fisher_for(path: Path, names: Sequence[str]) -> FisherStats:

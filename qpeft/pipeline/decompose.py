@@ -43,10 +43,9 @@ from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, stream_model, 
 from qpeft.models.loading import stored_linear
 from qpeft.models.resolve import copy_model_files
 from qpeft.models.weights import SafetensorsWeights
-from qpeft.pipeline.methods import QWHA, LQLoRA
+from qpeft.pipeline.methods import Method
 from qpeft.quant import PRESETS, QuantConfig, dequantize, storage_bits
 
-Method = LQLoRA | QWHA
 # method attributes that hold calibration statistics: manifest key → heat-map label
 CALIBRATIONS = {"fisher": "Fisher", "grams": "activations"}
 COST_TABLE_NAME = "cost_table.json"
@@ -267,19 +266,20 @@ def _split_matrix(
     split = method.split(name, w, config)
     for part, value in split.quantized.tensors().items():
         writer.add(f"{name}.{part}", value)
-    for part, value in split.adapter.items():
+    adapter = {} if split.adapter is None else split.adapter.state_dict()
+    for part, value in adapter.items():
         writer.add(f"{name}.adapter.{part}", value)
     recon = dequantize(split.quantized)
-    if split.delta is not None:
-        recon += split.delta  # as stored
+    if split.adapter is not None:
+        recon += split.adapter.delta_weight()  # as stored
     norm = float(torch.linalg.norm(w)) or 1.0
     entry: dict[str, Any] = {
         "config": config.name,
         "shape": list(w.shape),
         "bits": storage_bits(config, w.numel()) / w.numel(),
-        "adapter": split.spec,
-        "adapter_bits": sum(8 * t.numel() * t.element_size() for t in split.adapter.values()),
-        "adapter_params": sum(t.numel() for t in split.adapter.values() if t.is_floating_point()),
+        "adapter": None if split.adapter is None else split.adapter.spec(),
+        "adapter_bits": sum(8 * t.numel() * t.element_size() for t in adapter.values()),
+        "adapter_params": sum(t.numel() for t in adapter.values() if t.is_floating_point()),
         "rel_error": float(torch.linalg.norm(w - recon)) / norm,
     }
     return entry | split.report

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from qpeft.calibration.activations import InputGrams
 from qpeft.calibration.fisher import FisherStats
 from qpeft.decompose.lqlora import lq_decompose, weighted_error
 from qpeft.decompose.qwha import QWHASolver, parameter_count
+from qpeft.modules.adapters import LowRankAdapter, WHTAdapter
 from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 from qpeft.transforms.hadamard import walsh_hadamard
 
@@ -28,14 +29,24 @@ ADAPTER_DTYPE = torch.bfloat16  # L1/L2 and WHT values are stored (and trained) 
 
 @dataclass
 class Split:
-    """One matrix under its config: Q, the adapter's tensors (keys under NAME.adapter.)
-    and manifest spec, and what the method reports about it."""
+    """One matrix under its config: Q, the adapter module as it will be stored (its
+    state dict goes under NAME.adapter., its spec into the manifest), and what the
+    method reports about it."""
 
     quantized: QuantizedTensor
-    adapter: dict[str, torch.Tensor] = field(default_factory=dict)
-    spec: dict[str, Any] | None = None
-    delta: torch.Tensor | None = None  # ΔW as stored (fp32), for the error report
+    adapter: LowRankAdapter | WHTAdapter | None = None
     report: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    """A decomposition method: a registered name, its costs and its split."""
+
+    name: str
+    rank: int
+
+    def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray: ...
+
+    def split(self, name: str, weight: torch.Tensor, config: QuantConfig) -> Split: ...
 
 
 @dataclass
@@ -67,12 +78,13 @@ class LQLoRA:
         result = lq_decompose(weight, config, self.rank, row, col, self.max_iters, self.rel_tol, self.seed)
         split = Split(result.quantized, report={"rank": self.rank, "iterations": result.iterations})
         if self.rank:
-            left, right = result.left.to(ADAPTER_DTYPE), result.right.to(ADAPTER_DTYPE)
-            split.adapter = {"left": left, "right": right}
-            split.spec = {"kind": "lowrank", "rank": self.rank}
-            split.delta = left.float() @ right.float()
+            rows, cols = weight.shape
+            split.adapter = LowRankAdapter(cols, rows, self.rank, weight.device, ADAPTER_DTYPE)
+            split.adapter.load_state_dict({"left": result.left, "right": result.right})
         if row is not None:
-            diff = weight - dequantize(result.quantized) - (0 if split.delta is None else split.delta)
+            diff = weight - dequantize(result.quantized)
+            if split.adapter is not None:
+                diff -= split.adapter.delta_weight()
             split.report["weighted_rel_error"] = weighted_error(diff, row, col) / (
                 weighted_error(weight, row, col) or 1.0
             )
@@ -93,9 +105,6 @@ class QWHA:
         moment = self.grams.second_moment(name).to(device)
         return QWHASolver(moment, transform=walsh_hadamard(moment.shape[0]))
 
-    def output_moment(self, name: str) -> torch.Tensor:
-        return self.grams.second_moment(name)
-
     def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray:
         count = parameter_count(self.rank, tuple(weight.shape))
         return qwha_matrix_costs(weight, grid, self._solver(name, weight.device), count, self.alpha)
@@ -108,21 +117,15 @@ class QWHA:
         solver = self._solver(name, weight.device)
         init = solver.init(weight - dequantize(quantized), parameter_count(self.rank, tuple(weight.shape)), self.alpha)
         spectrum = init.spectrum
-        index_dtype = torch.int16 if max(weight.shape) <= torch.iinfo(torch.int16).max else torch.int32
-        values = spectrum.values.to(ADAPTER_DTYPE)
-        stored = type(spectrum)(spectrum.shape, spectrum.rows, spectrum.cols, values.float())
+        rows, cols = weight.shape
+        adapter = WHTAdapter(cols, rows, spectrum.values.numel(), weight.device, ADAPTER_DTYPE)
+        adapter.load_state_dict({"values": spectrum.values, "rows": spectrum.rows, "cols": spectrum.cols})
         report |= {
             "values": spectrum.values.numel(),
             "max_per_row": int(init.counts.max()),
             "rows_reset": init.rows_reset,
         }
-        return Split(
-            quantized,
-            adapter={"values": values, "rows": spectrum.rows.to(index_dtype), "cols": spectrum.cols.to(index_dtype)},
-            spec={"kind": "wht", "count": spectrum.values.numel(), "transform": solver.transform.note or "hadamard"},
-            delta=stored.delta_weight(solver.transform),
-            report=report,
-        )
+        return Split(quantized, adapter, report)
 
 
 METHODS = {"lqlora": LQLoRA, "qwha": QWHA}
