@@ -64,11 +64,26 @@ def _file_digest(path: Path) -> str:
 
 
 def gguf_to_safetensors(gguf: Path) -> Path:
-    """Convert a GGUF file (once) to a cached fp32 safetensors model directory."""
+    """Convert a GGUF file (once) to a cached fp32 safetensors model directory.
+
+    Processes that convert the same file at once (every rank of a torchrun job on a
+    fresh cache) take turns on a lock file; the first writes, the others find its
+    result."""
+    from filelock import FileLock
+
     target = cache_dir() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
     if is_model_dir(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f"{target.name}.lock"):
+        if not is_model_dir(target):
+            _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -77,16 +92,28 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     except Exception as exc:  # transformers raises many types for a bad file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise QpeftError(f"cannot read GGUF file {gguf}: {reason}") from exc
-    # transformers refuses to save a model it thinks is GGUF-quantized; the weights
-    # are already dequantized to fp32, so drop that marker.
-    model.hf_quantizer = None
+    # The weights are already dequantized to fp32: drop the GGUF-quantized marker.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # not model.save_pretrained: under torch.distributed it writes weights on rank 0 only
+        save_file(_unshared_state(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "qpeft_source.json").write_text(json.dumps({"gguf": str(gguf), "name": gguf.name}, indent=2))
-    return target
+
+
+def _unshared_state(model) -> dict:
+    """The state dict with each tied tensor once, under its first name (the input
+    embedding, not lm_head: where transformers looks for it)."""
+    seen, tensors = set(), {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.contiguous()
+    return tensors
 
 
 def copy_model_files(source: Path, dest: Path) -> None:
