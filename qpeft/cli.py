@@ -51,6 +51,12 @@ def _add_calib_args(parser: argparse.ArgumentParser, with_source: bool = True) -
     parser.add_argument(
         "--calib-dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="model dtype for calibration"
     )
+    parser.add_argument(
+        "--fisher-elementwise",
+        action="store_true",
+        help="keep the full Fisher diagonal (4 bytes per weight) and price the LQ-LoRA cost table with it "
+        "instead of its row/column reduction",
+    )
 
 
 def _targets(text: str | None) -> tuple[str, ...]:
@@ -200,6 +206,7 @@ def _run_calibration(args: argparse.Namespace, model_dir: Path, out: Path | None
         args.device,
         args.calib_dtype,
         out,
+        args.fisher_elementwise,
     )
 
 
@@ -216,7 +223,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     calibration_text(args.calib)  # fail on bad data before loading the model
     stats, cached, hit = _run_calibration(args, resolve_model(args.model), args.out)
     how = f"reused {cached}" if hit else f"cached as {cached}"
-    print(f"wrote {args.out}: Fisher row/column means of {len(stats.row_mean)} matrices ({how})")
+    what = "row/column means and full diagonal" if stats.element else "row/column means"
+    print(f"wrote {args.out}: Fisher {what} of {len(stats.row_mean)} matrices ({how})")
 
 
 def _lend_threads_to_rank_zero(work, device: str):
@@ -256,8 +264,12 @@ def cmd_decompose(args: argparse.Namespace) -> None:
         raise QpeftError(f"--rank must be 0 or more, got {args.rank}")
     if args.refine_iters < 0:
         raise QpeftError(f"--refine-iters must be 0 or more, got {args.refine_iters}")
-    if args.method == "qwha" and (args.fisher is not None or args.no_fisher):
-        raise QpeftError("--fisher and --no-fisher are LQ-LoRA options: QWHA is initialised from activations")
+    if args.method == "qwha" and (args.fisher is not None or args.no_fisher or args.fisher_elementwise):
+        raise QpeftError(
+            "--fisher, --no-fisher and --fisher-elementwise are LQ-LoRA options: QWHA is initialised from activations"
+        )
+    if args.no_fisher and args.fisher_elementwise:
+        raise QpeftError("--fisher-elementwise needs a Fisher: drop --no-fisher")
     if args.alpha < 0:
         raise QpeftError(f"--alpha must be 0 or more, got {args.alpha}")
     grid = [parse_config(args.config)] if args.config else parse_grid(args.configs)
@@ -281,7 +293,7 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     else:
         fisher = None
         if args.fisher is not None:
-            fisher = fisher_for(args.fisher, names)
+            fisher = fisher_for(args.fisher, names, args.fisher_elementwise)
         elif not args.no_fisher:
             fisher = _lend_threads_to_rank_zero(lambda: _run_calibration(args, model_dir)[0], device)
         method = LQLoRA(args.rank, fisher, args.seed, refine_iters=args.refine_iters)

@@ -85,6 +85,26 @@ def test_refinement_only_lowers_costs_and_refines_the_front():
     assert quant_only == pytest.approx(expected, rel=1e-5)
 
 
+def test_elementwise_fisher_costs():
+    """With the full Fisher diagonal F a cost is Σ F·δ² of a valid decomposition: for
+    rank 0 exactly F-weighted quantization errors; for a rank-one F the same as pricing
+    with its row/column reduction; for any F never above F-pricing the configs' plain
+    quantization (each config's cost is at most that of its own Q with L = 0)."""
+    torch.manual_seed(4)
+    w = torch.randn(48, 64) * 0.02 + 0.01 * torch.randn(48, 3) @ torch.randn(3, 64)
+    grid = lqlora_grid()[::23]
+    skewed = torch.rand(48, 64).square() * (torch.rand(48, 1) + 0.1)  # not rank one
+    r, c = skewed.mean(dim=1).sqrt(), skewed.mean(dim=0).sqrt()
+    direct = [float((skewed * (w - simulate(w, g)).square()).sum()) for g in grid]
+    np.testing.assert_allclose(matrix_costs(w, grid, 0, r, c, fisher=skewed), direct, rtol=1e-5)
+    ranked = matrix_costs(w, grid, 3, r, c, fisher=skewed)
+    assert np.all(ranked <= np.array(direct) * (1 + 1e-6)) and np.any(ranked < np.array(direct) * 0.9)
+    rank_one = element_weights(tuple(w.shape), r, c)
+    np.testing.assert_allclose(
+        matrix_costs(w, grid, 3, r, c, fisher=rank_one), matrix_costs(w, grid, 3, r, c), rtol=1e-4
+    )
+
+
 def test_coarse_scale_configs_get_their_own_low_rank_fit():
     """Outlier input channels in a low-rank pattern: with 2-3 bit, 256-block scales the
     low-rank part fitted for the fine-scale anchor leaves the outliers setting the scale

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
+from qpeft.calibration.fisher import load_fisher
 from qpeft.io.checkpoint import read_manifest
 from qpeft.models.loading import load_checkpoint
-from qpeft.quant import dequantize
+from qpeft.quant import dequantize, parse_config
+from qpeft.quant.blockwise import simulate
 from tests.test_cli import assert_one_line_error, run
 
 SMALL_GRID = "nf2-b64-s8x256-fp16,nf3-b64-s8x256-fp16,nf3-b32-s4x64-fp16,nf4-b64-s8x256-fp16,nf8-b64-s8x256-fp32"
@@ -212,3 +215,39 @@ def test_calibrate_writes_a_file_and_never_overwrites(tiny_model_dir, tmp_path, 
     assert out.read_bytes() == before
     code, _, err = run(capsys, "calibrate", tiny_model_dir, "--out", tmp_path / "f.bin")
     assert_one_line_error(code, err, "--out should name a .safetensors file")
+
+
+def test_elementwise_fisher_prices_the_table(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--fisher-elementwise: the cost table is priced with the full diagonal (a rank-0
+    table then holds exactly Σ F·δ², which the row/column reduction does not give), the
+    manifest says so, and the options that cannot go with it are refused."""
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
+    fisher_file = tmp_path / "f.safetensors"
+    calib = ["--calib-sequences", 2, "--calib-seqlen", 32]
+    code, stdout, err = run(capsys, "calibrate", tiny_model_dir, "--out", fisher_file, *calib, "--fisher-elementwise")
+    assert code == 0 and "row/column means and full diagonal of 14 matrices" in stdout, err
+    out = tmp_path / "ilp"
+    argv = ["--budget", "2.75", "--rank", 0, "--configs", SMALL_GRID, *calib]
+    code, _, err = decompose(capsys, tiny_model_dir, out, *argv, "--fisher-elementwise")
+    assert code == 0, err
+    manifest = read_manifest(out)
+    assert manifest["fisher"]["elementwise"] is True
+    fisher = load_fisher(fisher_file)
+    table = json.loads((out / "cost_table.json").read_text())
+    row = table["matrices"][0]
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as handle:
+        weight = handle.get_tensor(f"{row['name']}.weight").float()
+    for config, cost in zip(table["configs"], row["costs"], strict=True):
+        direct = float((fisher.element[row["name"]] * (weight - simulate(weight, parse_config(config))).square()).sum())
+        assert cost == pytest.approx(direct, rel=1e-4)
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "a", *argv, "--fisher-elementwise", "--no-fisher")
+    assert_one_line_error(code, err, "--fisher-elementwise needs a Fisher: drop --no-fisher")
+    code, _, err = decompose(
+        capsys, tiny_model_dir, tmp_path / "a", "--method", "qwha", "--config", "nf3", "--fisher-elementwise"
+    )
+    assert_one_line_error(code, err, "are LQ-LoRA options: QWHA is initialised from activations")
+    plain = tmp_path / "plain.safetensors"
+    code, _, err = run(capsys, "calibrate", tiny_model_dir, "--out", plain, *calib)
+    assert code == 0, err
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "a", *argv, "--fisher", plain, "--fisher-elementwise")
+    assert_one_line_error(code, err, "has no full Fisher diagonal: make it with qpeft calibrate --fisher-elementwise")

@@ -39,11 +39,15 @@ def test_hooked_fisher_matches_brute_force(tiny_model_dir):
     names = select_linear(model, DEFAULT_TARGETS)
     batches = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
     stats = empirical_fisher(model, names, batches, batch_size=2, progress=False)
+    elementwise = empirical_fisher(model, names, batches, batch_size=2, progress=False, elementwise=True)
     exact = _brute_force_fisher(model, names, batches)
+    assert stats.element == {} and sorted(elementwise.element) == sorted(names)
     assert all(not p.requires_grad for p in model.parameters())  # flags restored
     for name in names:
         torch.testing.assert_close(stats.row_mean[name], exact[name].mean(dim=1), rtol=1e-4, atol=1e-12)
         torch.testing.assert_close(stats.col_mean[name], exact[name].mean(dim=0), rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(elementwise.element[name], exact[name], rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(elementwise.row_mean[name], stats.row_mean[name])
     r, c = stats.weights(names[0])
     torch.testing.assert_close(r, exact[names[0]].mean(dim=1).sqrt(), rtol=1e-4, atol=1e-9)
     assert c.shape == (model.get_submodule(names[0]).in_features,)
@@ -54,12 +58,13 @@ def test_fisher_file_round_trip(tmp_path, tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     names = select_linear(model, ["q_proj"])
-    stats = empirical_fisher(model, names, torch.randint(0, 300, (2, 16)), progress=False)
+    stats = empirical_fisher(model, names, torch.randint(0, 300, (2, 16)), progress=False, elementwise=True)
     stats.metadata = {"sequences": 2, "data": "x"}
     save_fisher(tmp_path / "f.safetensors", stats)
     back = load_fisher(tmp_path / "f.safetensors")
     assert back.metadata == stats.metadata and sorted(back.row_mean) == sorted(names)
     assert all(torch.equal(back.col_mean[n], stats.col_mean[n]) for n in names)
+    assert all(torch.equal(back.element[n], stats.element[n]) for n in names)
     with pytest.raises(QpeftError, match="no entry for nope"):
         back.weights("nope")
     save_file({"a": torch.zeros(2)}, str(tmp_path / "other.safetensors"))

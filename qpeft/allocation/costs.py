@@ -4,7 +4,9 @@ cost(W, config) = Σ_ij F̂_ij · (W − Q − L1·L2)_ij², the squared error o
 decomposition under that config, weighted by F̂ = (r²)(c²)ᵀ / mean(F): the
 row × column (rank-one) reduction of the Fisher diagonal F, scaled so that
 ΣF̂ = ΣF, which keeps costs of different matrices comparable. Without a Fisher
-F̂ = 1 and the cost is the squared Frobenius error.
+F̂ = 1 and the cost is the squared Frobenius error. Given the full diagonal F (a
+Fisher calibrated elementwise), the costs are Σ F·δ² with F itself; the low-rank
+steps still use the row/column weights.
 
 Running the full alternation for each of the 432 configs is what makes the
 reference code need a GPU cluster. The work is shared instead:
@@ -114,6 +116,7 @@ def matrix_costs(
     rel_tol: float = 1e-3,
     refine_iters: int = 5,
     refine_all: bool = False,
+    fisher: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Cost of `weight` (fp32 on its device) under each config, in the order given.
 
@@ -121,10 +124,22 @@ def matrix_costs(
     the best one: the lowest of the config priced on its group anchor's factors, its
     one-step fit, and (for configs on the (bits, cost) Pareto front, or every config
     with `refine_all`) a `refine_iters`-step alternation from that fit.
-    `refine_iters=0` stops after the one-step fits."""
+    `refine_iters=0` stops after the one-step fits. `fisher` (the full Fisher
+    diagonal, shaped like `weight`) prices every decomposition by Σ F·δ² instead
+    of F̂."""
     w = weight.float()
-    weights = element_weights(tuple(w.shape), row_weight, col_weight)
-    fisher_mean = 1.0 if weights is None else float(row_weight.float().square().mean())
+    if fisher is None:
+        weights = element_weights(tuple(w.shape), row_weight, col_weight)
+        fisher_mean = 1.0 if weights is None else float(row_weight.float().square().mean())
+
+        def price(diff: torch.Tensor) -> float:
+            return weighted_error(diff, row_weight, col_weight) ** 2 / fisher_mean
+    else:
+        weights = fisher.to(device=w.device, dtype=torch.float32)
+
+        def price(diff: torch.Tensor) -> float:
+            return float((weights * diff.square()).sum())
+
     costs = np.empty(len(configs))
     fits: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # config index → its one-step (L1, L2)
     step_generator = torch.Generator(device=w.device).manual_seed(seed + 2)
@@ -143,8 +158,7 @@ def matrix_costs(
         for j, config in zip(group, members, strict=True):
             target = w - scaled_levels(levels, absmax, config, w.shape)
             left, right = lowrank_factors(target, rank, row_weight, col_weight, step_generator, start, power_iters=1)
-            error = weighted_error(target - left @ right, row_weight, col_weight)
-            costs[j] = min(costs[j], error**2 / fisher_mean)
+            costs[j] = min(costs[j], price(target - left @ right))
             fits[j] = (left, right)
     if rank == 0 or refine_iters == 0:
         return costs
@@ -169,7 +183,11 @@ def matrix_costs(
                 init=fits[j],
                 warm_power_iters=1,
             )
-            costs[j] = min(costs[j], result.error**2 / fisher_mean)
+            if fisher is None:
+                cost = result.error**2 / fisher_mean
+            else:  # the best iterate under the row/column weights, priced with F
+                cost = price(w - simulate(result.quant_input, configs[j]) - result.left @ result.right)
+            costs[j] = min(costs[j], cost)
             refined.add(j)
 
 

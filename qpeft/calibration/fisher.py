@@ -2,8 +2,10 @@
 
 F_ij = mean over calibration sequences s of (∂ℓ_s/∂W_ij)², ℓ_s the mean next-token
 NLL of sequence s (LQ-LoRA §3.3). The weighted decomposition needs only
-r_i = √(mean_j F_ij) and c_j = √(mean_i F_ij), so only the row and column means are
-kept, accumulated in fp32.
+r_i = √(mean_j F_ij) and c_j = √(mean_i F_ij), so by default only the row and
+column means are kept, accumulated in fp32. With `elementwise` the full diagonal F
+is kept too (4 bytes per weight): the cost table then prices Σ_ij F_ij·δ_ij² with the
+exact F instead of its rank-one reduction.
 
 Per-sequence gradients come from hooks, not from parameter .grad: for y = x·Wᵀ the
 gradient of sequence s is Σ_t g_st·x_stᵀ = G_sᵀX_s (G the output gradients, X the
@@ -39,6 +41,7 @@ class FisherStats:
     row_mean: dict[str, torch.Tensor]  # name → (d_out,)
     col_mean: dict[str, torch.Tensor]  # name → (d_in,)
     metadata: dict[str, Any] = field(default_factory=dict)
+    element: dict[str, torch.Tensor] = field(default_factory=dict)  # name → F (d_out, d_in), if kept
 
     def weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(r, c) = (√row means, √column means) of matrix `name`, for the weighted SVD."""
@@ -49,11 +52,16 @@ class FisherStats:
 
 class _PerSequenceGradients:
     """Hooks that add each sequence's squared weight gradient, summed over rows and
-    over columns, into fp32 accumulators."""
+    over columns (and, with `elementwise`, as is), into fp32 accumulators."""
 
-    def __init__(self, modules: dict[str, nn.Linear], device: torch.device) -> None:
+    def __init__(self, modules: dict[str, nn.Linear], device: torch.device, elementwise: bool = False) -> None:
         self.row_sum = {n: torch.zeros(m.out_features, device=device) for n, m in modules.items()}
         self.col_sum = {n: torch.zeros(m.in_features, device=device) for n, m in modules.items()}
+        self.element_sum = (
+            {n: torch.zeros(m.out_features, m.in_features, device=device) for n, m in modules.items()}
+            if elementwise
+            else {}
+        )
         self.handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in modules.items()]
 
     def _forward_hook(self, name: str):
@@ -67,9 +75,11 @@ class _PerSequenceGradients:
     def _accumulate(self, name: str, inputs: torch.Tensor, grad: torch.Tensor) -> None:
         x = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).float()
         g = grad.reshape(grad.shape[0], -1, grad.shape[-1]).float()
-        squared = torch.bmm(g.transpose(1, 2), x).square_()  # (batch, d_out, d_in)
-        self.row_sum[name] += squared.sum(dim=(0, 2))
-        self.col_sum[name] += squared.sum(dim=(0, 1))
+        squared = torch.bmm(g.transpose(1, 2), x).square_().sum(dim=0)  # (d_out, d_in), summed over sequences
+        self.row_sum[name] += squared.sum(dim=1)
+        self.col_sum[name] += squared.sum(dim=0)
+        if self.element_sum:
+            self.element_sum[name] += squared
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -82,9 +92,11 @@ def empirical_fisher(
     batches: torch.Tensor,
     batch_size: int = 1,
     progress: bool = True,
+    elementwise: bool = False,
 ) -> FisherStats:
-    """Fisher row/column means of the linear layers `names` of a causal LM, over
-    the rows of `batches` (num_sequences × seqlen token ids), on the model's device."""
+    """Fisher row/column means (and with `elementwise` the full diagonal) of the
+    linear layers `names` of a causal LM, over the rows of `batches`
+    (num_sequences × seqlen token ids), on the model's device."""
     device = next(model.parameters()).device
     modules = {name: model.get_submodule(name) for name in names}
     for name, module in modules.items():
@@ -93,7 +105,7 @@ def empirical_fisher(
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    accumulators = _PerSequenceGradients(modules, device)
+    accumulators = _PerSequenceGradients(modules, device, elementwise)
     embed = model.get_input_embeddings()
     num_sequences = batches.shape[0]
     try:
@@ -112,13 +124,16 @@ def empirical_fisher(
             p.requires_grad_(flag)
     row_mean = {n: (s / (num_sequences * modules[n].in_features)).cpu() for n, s in accumulators.row_sum.items()}
     col_mean = {n: (s / (num_sequences * modules[n].out_features)).cpu() for n, s in accumulators.col_sum.items()}
-    return FisherStats(row_mean, col_mean, {"sequences": num_sequences, "seqlen": int(batches.shape[1])})
+    element = {n: (s / num_sequences).cpu() for n, s in accumulators.element_sum.items()}
+    metadata = {"sequences": num_sequences, "seqlen": int(batches.shape[1])}
+    return FisherStats(row_mean, col_mean, metadata, element)
 
 
 def save_fisher(path: Path, stats: FisherStats) -> None:
     """Write the statistics (and their settings as metadata) atomically."""
     tensors = {f"{n}.row_mean": t for n, t in stats.row_mean.items()}
     tensors |= {f"{n}.col_mean": t for n, t in stats.col_mean.items()}
+    tensors |= {f"{n}.element": t for n, t in stats.element.items()}
     save_tagged(path, tensors, METADATA_KEY, stats.metadata)
 
 
@@ -126,7 +141,8 @@ def load_fisher(path: Path) -> FisherStats:
     tensors, metadata = load_tagged(path, METADATA_KEY, "Fisher file")
     row = {k.removesuffix(".row_mean"): v for k, v in tensors.items() if k.endswith(".row_mean")}
     col = {k.removesuffix(".col_mean"): v for k, v in tensors.items() if k.endswith(".col_mean")}
-    return FisherStats(row, col, metadata)
+    element = {k.removesuffix(".element"): v for k, v in tensors.items() if k.endswith(".element")}
+    return FisherStats(row, col, metadata, element)
 
 
 def settings_key(settings: dict[str, Any]) -> str:

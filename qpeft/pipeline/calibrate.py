@@ -103,11 +103,14 @@ def calibrate(
     device: str = "cpu",
     dtype: str = "fp32",
     out: Path | None = None,
+    elementwise: bool = False,
 ) -> tuple[FisherStats, Path, bool]:
     """Fisher statistics of the selected layers: (stats, file, whether it came from
     the cache). The cache ($QPEFT_CACHE/fisher) is keyed by everything that changes
-    the result; `out` also gets a copy."""
+    the result; `out` also gets a copy. `elementwise` keeps the full diagonal too."""
     settings, text = _settings(model_dir, targets, data, num_sequences, seqlen, seed, dtype)
+    if elementwise:  # only then, so that the row/column-only cache keys stay as they were
+        settings["elementwise"] = True
     stats, cached, hit = _cached_statistics(
         "fisher",
         model_dir,
@@ -115,7 +118,7 @@ def calibrate(
         settings,
         text,
         device,
-        lambda model, names, batches: empirical_fisher(model, names, batches, batch_size),
+        lambda model, names, batches: empirical_fisher(model, names, batches, batch_size, elementwise=elementwise),
         load_fisher,
         save_fisher,
     )
@@ -154,10 +157,13 @@ def calibrate_activations(
     return grams, hit
 
 
-def fisher_for(path: Path, names: Sequence[str]) -> FisherStats:
-    """Load a Fisher file and check it covers every selected matrix."""
+def fisher_for(path: Path, names: Sequence[str], elementwise: bool = False) -> FisherStats:
+    """Load a Fisher file and check it covers every selected matrix (with its full
+    diagonal if `elementwise`)."""
     stats = load_fisher(path)
     missing = [n for n in names if n not in stats.row_mean]
     if missing:
         raise QpeftError(f"{path} has no Fisher statistics for {len(missing)} selected matrices, e.g. {missing[0]}")
+    if elementwise and any(n not in stats.element for n in names):
+        raise QpeftError(f"{path} has no full Fisher diagonal: make it with qpeft calibrate --fisher-elementwise")
     return stats

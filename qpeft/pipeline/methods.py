@@ -69,8 +69,18 @@ class LQLoRA:
 
     def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray:
         row, col = self._weights(name, weight.device)
+        element = None if self.fisher is None else self.fisher.element.get(name)
         return matrix_costs(
-            weight, grid, self.rank, row, col, self.seed, self.max_iters, self.rel_tol, self.refine_iters
+            weight,
+            grid,
+            self.rank,
+            row,
+            col,
+            self.seed,
+            self.max_iters,
+            self.rel_tol,
+            self.refine_iters,
+            fisher=element,
         )
 
     def split(self, name: str, weight: torch.Tensor, config: QuantConfig) -> Split:
