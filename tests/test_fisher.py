@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from calib.batches import calibration_batches, calibration_text
 from qpeft.calibration.fisher import empirical_fisher, load_fisher, save_fisher
+from qpeft.calibration.stream import LayerwiseLM
 from qpeft.errors import QpeftError
 from qpeft.models.selection import DEFAULT_TARGETS, select_linear
 
@@ -38,11 +39,11 @@ def test_hooked_fisher_matches_brute_force(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     names = select_linear(model, DEFAULT_TARGETS)
     batches = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
-    stats = empirical_fisher(model, names, batches, batch_size=2, progress=False)
-    elementwise = empirical_fisher(model, names, batches, batch_size=2, progress=False, elementwise=True)
+    lm = LayerwiseLM(tiny_model_dir)
+    stats = empirical_fisher(lm, names, batches, batch_size=2, progress=False)
+    elementwise = empirical_fisher(lm, names, batches, batch_size=2, progress=False, elementwise=True)
     exact = _brute_force_fisher(model, names, batches)
     assert stats.element == {} and sorted(elementwise.element) == sorted(names)
-    assert all(not p.requires_grad for p in model.parameters())  # flags restored
     for name in names:
         torch.testing.assert_close(stats.row_mean[name], exact[name].mean(dim=1), rtol=1e-4, atol=1e-12)
         torch.testing.assert_close(stats.col_mean[name], exact[name].mean(dim=0), rtol=1e-4, atol=1e-12)
@@ -54,11 +55,10 @@ def test_hooked_fisher_matches_brute_force(tiny_model_dir):
 
 
 def test_fisher_file_round_trip(tmp_path, tiny_model_dir):
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    names = select_linear(model, ["q_proj"])
-    stats = empirical_fisher(model, names, torch.randint(0, 300, (2, 16)), progress=False, elementwise=True)
+    lm = LayerwiseLM(tiny_model_dir)
+    names = select_linear(lm.model, ["q_proj"])
+    stats = empirical_fisher(lm, names, torch.randint(0, 300, (2, 16)), progress=False, elementwise=True)
     stats.metadata = {"sequences": 2, "data": "x"}
     save_fisher(tmp_path / "f.safetensors", stats)
     back = load_fisher(tmp_path / "f.safetensors")

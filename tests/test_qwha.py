@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qpeft.calibration.activations import damping_shift, input_grams
+from qpeft.calibration.stream import LayerwiseLM
 from qpeft.decompose.qwha import QWHASolver, ada_alloc, parameter_count, qwha_init, select_positions
 from qpeft.quant import PRESETS
 from qpeft.quant.blockwise import simulate
@@ -117,7 +118,7 @@ def test_input_grams_match_a_direct_computation_and_share_inputs(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
     batches = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
-    grams = input_grams(model, names, batches, batch_size=2, progress=False)
+    grams = input_grams(LayerwiseLM(tiny_model_dir), names, batches, batch_size=2, progress=False)
     assert grams.owner[names[1]] == names[0]  # q and k read the same tensor: one G
     assert len(grams.grams) == 2 and grams.tokens == 48
     seen = []
@@ -240,7 +241,9 @@ def test_qwha_decompose_cli_writes_a_checkpoint_that_cancels_output_error(
         "--no-fisher",
     )
     assert_one_line_error(
-        code, err, "--fisher and --no-fisher are LQ-LoRA options: QWHA is initialised from activations"
+        code,
+        err,
+        "--fisher, --no-fisher and --fisher-elementwise are LQ-LoRA options: QWHA is initialised from activations",
     )
 
 
@@ -254,7 +257,7 @@ def test_output_errors_match_captured_activations(tiny_model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     names = select_linear(model)
     batches = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
-    grams = input_grams(model, names, batches, progress=False)
+    grams = input_grams(LayerwiseLM(tiny_model_dir), names, batches, progress=False)
     quantize_model(tiny_model_dir, tmp_path / "nf3", PRESETS["nf3"])
     result = output_errors(tmp_path / "nf3", tiny_model_dir, grams)
     assert set(result.per_matrix) == set(names)

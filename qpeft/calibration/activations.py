@@ -1,7 +1,8 @@
 """Input second moments G = XᵀX of the selected linear layers (QWHA's initialisation).
 
 X stacks the calibration tokens' inputs of a layer (tokens × d_in). G is summed in
-fp64, one forward pass per batch and no backward. Layers that read the same tensor
+fp64 in one forward sweep of the model, one decoder layer at a time
+(`qpeft.calibration.stream`), and no backward. Layers that read the same tensor
 (q/k/v of an attention block, gate/up of an MLP) share one G: the first batch finds
 which by tensor identity, and later batches accumulate each shared input once. For
 SmolLM2 that is 4 matrices per decoder layer instead of 7 (0.8 GB in fp64).
@@ -16,8 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from qpeft.calibration.stream import LayerwiseLM
 from qpeft.errors import QpeftError
 from qpeft.io.tagged import load_tagged, save_tagged
 
@@ -88,23 +89,25 @@ class _GramHooks:
 
 @torch.no_grad()
 def input_grams(
-    model: nn.Module, names: Sequence[str], batches: torch.Tensor, batch_size: int = 1, progress: bool = True
+    lm: LayerwiseLM, names: Sequence[str], batches: torch.Tensor, batch_size: int = 1, progress: bool = True
 ) -> InputGrams:
-    """XᵀX of the inputs of the linear layers `names` over the rows of `batches`
-    (num_sequences × seqlen token ids), on the model's device."""
-    device = next(model.parameters()).device
-    modules = {name: model.get_submodule(name) for name in names}
+    """XᵀX of the inputs of the linear layers `names` of a causal LM streamed layer by
+    layer, over the rows of `batches` (num_sequences × seqlen token ids). Each
+    layer's matrices are accumulated on the device and moved to the CPU when the
+    layer has seen every sequence."""
+    modules = {name: lm.model.get_submodule(name) for name in names}
     for name, module in modules.items():
         if not isinstance(module, nn.Linear):
             raise QpeftError(f"{name} is not a linear layer")
-    hooks = _GramHooks(modules, device)
+    hooks = _GramHooks(modules, lm.device)
+
+    def layer_done(index: int) -> None:
+        hooks.end_first_batch()
+        for key in lm.linear_names(index, list(hooks.grams)):
+            hooks.grams[key] = hooks.grams[key].cpu()
+
     try:
-        with tqdm(total=batches.shape[0], desc="activations", unit="seq", disable=not progress) as bar:
-            for start in range(0, batches.shape[0], batch_size):
-                ids = batches[start : start + batch_size].to(device)
-                model(input_ids=ids, use_cache=False)
-                hooks.end_first_batch()
-                bar.update(ids.shape[0])
+        lm.forward_sweep(batches, batch_size, on_layer=layer_done, progress="activations" if progress else None)
     finally:
         hooks.remove()
     grams = {k: g.cpu() for k, g in hooks.grams.items()}

@@ -9,9 +9,10 @@ exact F instead of its rank-one reduction.
 
 Per-sequence gradients come from hooks, not from parameter .grad: for y = x·Wᵀ the
 gradient of sequence s is Σ_t g_st·x_stᵀ = G_sᵀX_s (G the output gradients, X the
-inputs), one batched matmul per layer. No parameter requires grad (the backward
-starts from the input embeddings), so batches of sequences cost one forward and one
-backward, and no full-size gradient is ever stored.
+inputs), one batched matmul per layer. No parameter requires grad, so a batch of
+sequences costs one backward, and no full-size gradient is ever stored. The model
+runs one decoder layer at a time (`qpeft.calibration.stream`): the hooks see each
+layer's activations and output gradients in its recomputed forward and backward.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from qpeft.calibration.stream import LayerwiseLM
 from qpeft.errors import QpeftError
 from qpeft.io.tagged import load_tagged, save_tagged
 
@@ -87,7 +87,7 @@ class _PerSequenceGradients:
 
 
 def empirical_fisher(
-    model: nn.Module,
+    lm: LayerwiseLM,
     names: Sequence[str],
     batches: torch.Tensor,
     batch_size: int = 1,
@@ -95,33 +95,20 @@ def empirical_fisher(
     elementwise: bool = False,
 ) -> FisherStats:
     """Fisher row/column means (and with `elementwise` the full diagonal) of the
-    linear layers `names` of a causal LM, over the rows of `batches`
-    (num_sequences × seqlen token ids), on the model's device."""
-    device = next(model.parameters()).device
-    modules = {name: model.get_submodule(name) for name in names}
+    linear layers `names` of a causal LM streamed layer by layer, over the rows of
+    `batches` (num_sequences × seqlen token ids)."""
+    modules = {name: lm.model.get_submodule(name) for name in names}
     for name, module in modules.items():
         if not isinstance(module, nn.Linear):
             raise QpeftError(f"{name} is not a linear layer")
-    saved_flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    accumulators = _PerSequenceGradients(modules, device, elementwise)
-    embed = model.get_input_embeddings()
-    num_sequences = batches.shape[0]
+    accumulators = _PerSequenceGradients(modules, lm.device, elementwise)
     try:
-        with tqdm(total=num_sequences, desc="fisher", unit="seq", disable=not progress) as bar:
-            for start in range(0, num_sequences, batch_size):
-                ids = batches[start : start + batch_size].to(device)
-                embeds = embed(ids).detach().requires_grad_(True)
-                logits = model(inputs_embeds=embeds, use_cache=False).logits[:, :-1]
-                nll = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-                # the sum of per-sequence mean losses: each sequence's gradient unscaled
-                nll.view(ids.shape[0], -1).mean(dim=1).sum().backward()
-                bar.update(ids.shape[0])
+        states = lm.forward_sweep(batches, batch_size, keep=True, progress="fisher forward" if progress else None)
+        grad = lm.sequence_loss_grad(states[-1], batches, batch_size)
+        lm.backward_sweep(states, grad, batch_size, progress="fisher backward" if progress else None)
     finally:
         accumulators.remove()
-        for p, flag in saved_flags.items():
-            p.requires_grad_(flag)
+    num_sequences = batches.shape[0]
     row_mean = {n: (s / (num_sequences * modules[n].in_features)).cpu() for n, s in accumulators.row_sum.items()}
     col_mean = {n: (s / (num_sequences * modules[n].out_features)).cpu() for n, s in accumulators.col_sum.items()}
     element = {n: (s / num_sequences).cpu() for n, s in accumulators.element_sum.items()}

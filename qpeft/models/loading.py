@@ -21,14 +21,14 @@ from qpeft.quant import parse_config
 from qpeft.quant.blockwise import PART_NAMES
 
 
-def build_skeleton(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_skeleton(model_dir: Path, dtype: torch.dtype = torch.float32, **options: Any) -> nn.Module:
     """The model's module tree with parameters on the meta device (no memory);
-    buffers such as rotary frequencies are real."""
+    buffers such as rotary frequencies are real. `options` go to `from_config`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, **options)
 
 
 def stored_linear(model_dir: Path, weights: SafetensorsWeights, targets: Sequence[str]) -> dict[str, int]:

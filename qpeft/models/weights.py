@@ -29,6 +29,11 @@ class SafetensorsWeights:
                 with safe_open(str(file), framework="pt") as handle:
                     self.weight_map.update(dict.fromkeys(handle.keys(), file.name))
 
+    def tensor(self, key: str) -> torch.Tensor:
+        """One tensor, read from its shard."""
+        with safe_open(str(self.model_dir / self.weight_map[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """All tensors, shard by shard (each shard opened once)."""
         by_shard: dict[str, list[str]] = {}

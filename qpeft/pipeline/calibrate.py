@@ -54,14 +54,14 @@ def _settings(
 
 
 def _model_and_batches(model_dir: Path, settings: dict[str, Any], text: str, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from qpeft.calibration.stream import LayerwiseLM
     from qpeft.eval.perplexity import tokenize
 
     ids = tokenize(AutoTokenizer.from_pretrained(model_dir), text)
     batches = calibration_batches(ids, settings["sequences"], settings["seqlen"], settings["seed"])
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[settings["dtype"]]).to(device)
-    return model.eval(), batches
+    return LayerwiseLM(model_dir, TORCH_DTYPES[settings["dtype"]], device), batches
 
 
 def _cached_statistics(
@@ -76,18 +76,16 @@ def _cached_statistics(
     save: Callable[[Path, Any], None],
 ) -> tuple[Any, Path, bool]:
     """(statistics, cache file, whether it was a hit) of one kind ($QPEFT_CACHE/KIND/,
-    keyed by `settings`): loaded, or computed by compute(model, layer names, batches)
+    keyed by `settings`): loaded, or computed by compute(layer-wise model, layer names, batches)
     and saved with the settings and run time as its metadata."""
-    from qpeft.models.loading import build_skeleton
-
     cached = cache_dir() / kind / f"{settings_key(settings)}.safetensors"
     if cached.is_file():
         return load(cached), cached, True
-    model, batches = _model_and_batches(model_dir, settings, text, device)
+    lm, batches = _model_and_batches(model_dir, settings, text, device)
     start = time.perf_counter()
-    stats = compute(model, select_linear(build_skeleton(model_dir), targets), batches)
+    stats = compute(lm, select_linear(lm.model, targets), batches)
     stats.metadata = {**settings, "seconds": round(time.perf_counter() - start, 1), "device": device}
-    del model
+    del lm
     save(cached, stats)
     return stats, cached, False
 
