@@ -10,7 +10,7 @@ SmolLM2 that is 4 matrices per decoder layer instead of 7 (0.8 GB in fp64).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from torch import nn
 
 from qpeft.calibration.stream import LayerwiseLM
 from qpeft.errors import QpeftError
-from qpeft.io.tagged import load_tagged, save_tagged
+from qpeft.io.tagged import FileTensors, load_tagged, save_tagged
 
 METADATA_KEY = "qpeft_input_grams"
 DAMPING = 1e-4  # × mean diagonal, added to G before any solve (QWHA; GPTQ uses 1e-2)
@@ -30,7 +30,7 @@ DAMPING = 1e-4  # × mean diagonal, added to G before any solve (QWHA; GPTQ uses
 class InputGrams:
     """G = XᵀX per shared layer input, and which layers read which input."""
 
-    grams: dict[str, torch.Tensor]  # input key (its first reader) → d_in × d_in, fp64
+    grams: Mapping[str, torch.Tensor]  # input key (its first reader) → d_in × d_in, fp64
     owner: dict[str, str]  # layer name → input key
     tokens: int
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -120,5 +120,7 @@ def save_grams(path: Path, grams: InputGrams) -> None:
 
 
 def load_grams(path: Path) -> InputGrams:
-    tensors, description = load_tagged(path, METADATA_KEY, "activation file")
-    return InputGrams(tensors, description["owner"], description["tokens"], description["settings"])
+    """The Grams of a file written by `save_grams`, each read from it when used."""
+    names, description = load_tagged(path, METADATA_KEY, "activation file", lazy=True)
+    grams = FileTensors(path, {n: n for n in names})
+    return InputGrams(grams, description["owner"], description["tokens"], description["settings"])

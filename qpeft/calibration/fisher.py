@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from torch import nn
 
 from qpeft.calibration.stream import LayerwiseLM
 from qpeft.errors import QpeftError
-from qpeft.io.tagged import load_tagged, save_tagged
+from qpeft.io.tagged import FileTensors, load_tagged, save_tagged
 
 METADATA_KEY = "qpeft_fisher"
 
@@ -41,7 +41,7 @@ class FisherStats:
     row_mean: dict[str, torch.Tensor]  # name → (d_out,)
     col_mean: dict[str, torch.Tensor]  # name → (d_in,)
     metadata: dict[str, Any] = field(default_factory=dict)
-    element: dict[str, torch.Tensor] = field(default_factory=dict)  # name → F (d_out, d_in), if kept
+    element: Mapping[str, torch.Tensor] = field(default_factory=dict)  # name → F (d_out, d_in), if kept
 
     def weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(r, c) = (√row means, √column means) of matrix `name`, for the weighted SVD."""
@@ -125,11 +125,14 @@ def save_fisher(path: Path, stats: FisherStats) -> None:
 
 
 def load_fisher(path: Path) -> FisherStats:
-    tensors, metadata = load_tagged(path, METADATA_KEY, "Fisher file")
-    row = {k.removesuffix(".row_mean"): v for k, v in tensors.items() if k.endswith(".row_mean")}
-    col = {k.removesuffix(".col_mean"): v for k, v in tensors.items() if k.endswith(".col_mean")}
-    element = {k.removesuffix(".element"): v for k, v in tensors.items() if k.endswith(".element")}
-    return FisherStats(row, col, metadata, element)
+    """The statistics of a Fisher file; a full diagonal is read per matrix when used."""
+    keys, metadata = load_tagged(path, METADATA_KEY, "Fisher file", lazy=True)
+
+    def stored(suffix: str) -> dict[str, str]:
+        return {k.removesuffix(suffix): k for k in keys if k.endswith(suffix)}
+
+    row, col = (dict(FileTensors(path, stored(suffix)).items()) for suffix in (".row_mean", ".col_mean"))
+    return FisherStats(row, col, metadata, FileTensors(path, stored(".element")))
 
 
 def settings_key(settings: dict[str, Any]) -> str:

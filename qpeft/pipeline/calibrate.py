@@ -87,7 +87,7 @@ def _cached_statistics(
     stats.metadata = {**settings, "seconds": round(time.perf_counter() - start, 1), "device": device}
     del lm
     save(cached, stats)
-    return stats, cached, False
+    return load(cached), cached, False  # as a hit would: the Grams then come from the file one at a time
 
 
 def calibrate(
