@@ -155,16 +155,12 @@ def test_wht_adapter_paths_agree(width, monkeypatch):
     layer = QuantLinear.from_linear(torch.nn.Linear(width, d_out, bias=False), PRESETS["nf4"])
     layer.adapter = adapter
     x = torch.randn(5, 7, width, generator=g)
-    outputs, grads = [], []
-    for ratio in (1e9, 0.0):  # activations first, then merged
+    outputs = []
+    for ratio in (1e9, 0.0):  # activations first, then merged (inference; training: tests/test_modules.py)
         monkeypatch.setattr(adapters, "WHT_MERGE_TOKENS_PER_ROW", ratio)
-        adapter.values.grad = None
-        y = layer(x)
-        y.square().sum().backward()
-        outputs.append(y.detach())
-        grads.append(adapter.values.grad.clone())
+        with torch.no_grad():
+            outputs.append(layer(x))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(outputs[0], x @ (layer.dequantized_weight() + expected_delta).T, rtol=1e-4, atol=1e-4)
 
 

@@ -10,6 +10,41 @@ from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 from qpeft.quant.blockwise import PART_NAMES, part_specs
 
 
+class _QuantMatmul(torch.autograd.Function):
+    """y = x·Wᵀ for W = deq(Q) (+ ΔW when `merge`), keeping neither W nor ΔW for the
+    backward (QLoRA §3): the backward dequantizes Q again, and a merged adapter
+    rebuilds ΔW from its parameters, takes ∂L/∂ΔW = gᵀx and passes it through its
+    own ΔW(θ) to get ∂L/∂θ. Between a layer's forward and backward only the packed
+    codes, the adapter's parameters and (when merged) the input are held.
+    `params` are the adapter's trainable parameters (so that autograd routes their
+    gradients here); Q gets none."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear, merge: bool, *params: torch.Tensor) -> torch.Tensor:
+        ctx.layer, ctx.merge = layer, merge
+        weight = layer.dequantized_weight(x.dtype)
+        if merge:
+            weight += layer.adapter.delta_weight(x.dtype)
+            ctx.save_for_backward(x, *params)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        layer = ctx.layer
+        weight = layer.dequantized_weight(grad.dtype)
+        param_grads: tuple[torch.Tensor | None, ...] = ()
+        if ctx.merge:
+            x, *params = ctx.saved_tensors
+            with torch.enable_grad():
+                delta = layer.adapter.delta_weight(grad.dtype)
+            if params:
+                grad_delta = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+                param_grads = torch.autograd.grad(delta, params, grad_delta, allow_unused=True)
+            weight += delta.detach()
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, *param_grads
+
+
 class QuantLinear(nn.Module):
     """y = x · (deq(Q) + ΔW)ᵀ + b, where Q is a `QuantizedTensor` held as buffers and
     ΔW an optional adapter (`qpeft.modules.adapters`: LQ-LoRA's L1·L2, QWHA's F·T).
@@ -17,7 +52,9 @@ class QuantLinear(nn.Module):
     The weight is dequantized in each forward (in the input's dtype) and never kept;
     gradients flow to the input and, when enabled, to the adapter, not to the codes.
     The adapter is applied to the activations, or merged into the dequantized weight
-    before the one matmul when that is cheaper for the batch (`merge_cheaper`).
+    before the one matmul when that is cheaper for the batch (`merge_cheaper`). With
+    gradients on (training) the matmul keeps no d_out × d_in matrix for its backward,
+    merged or not (`_QuantMatmul`).
     """
 
     def __init__(
@@ -60,6 +97,14 @@ class QuantLinear(nn.Module):
         return dequantize(self.quantized, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trainable = [] if self.adapter is None else [p for p in self.adapter.parameters() if p.requires_grad]
+        if torch.is_grad_enabled() and (x.requires_grad or trainable):
+            # training: nothing d_out × d_in is kept for the backward
+            merge = self.adapter is not None and self.adapter.merge_cheaper(x.numel() // x.shape[-1])
+            y = _QuantMatmul.apply(x, self, merge, *(trainable if merge else []))
+            if self.adapter is not None and not merge:
+                y = y + self.adapter(x)
+            return y if self.bias is None else y + self.bias
         weight = self.dequantized_weight(x.dtype)
         if self.adapter is None:
             return F.linear(x, weight, self.bias)

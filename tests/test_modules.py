@@ -1,0 +1,101 @@
+"""QuantLinear in training: the frozen base's backward, adapters' gradients, memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qpeft.modules import QuantLinear, adapters
+from qpeft.modules.adapters import LowRankAdapter, WHTAdapter
+from qpeft.quant import PRESETS
+
+
+def _layer(kind: str | None, d_in: int = 192, d_out: int = 96, bias: bool = False) -> QuantLinear:
+    torch.manual_seed(0)
+    linear = nn.Linear(d_in, d_out, bias=bias)
+    layer = QuantLinear.from_linear(linear, PRESETS["nf4"])
+    if kind == "lowrank":
+        layer.adapter = LowRankAdapter(d_in, d_out, 4)
+        layer.adapter.load_state_dict({"left": torch.randn(d_out, 4) * 0.1, "right": torch.randn(4, d_in) * 0.1})
+    elif kind in ("wht", "wht-merged"):
+        count = 300
+        layer.adapter = WHTAdapter(d_in, d_out, count)
+        flat = torch.randperm(d_out * d_in)[:count]
+        layer.adapter.load_state_dict(
+            {"values": torch.randn(count) * 0.1, "rows": (flat // d_in).short(), "cols": (flat % d_in).short()}
+        )
+    if layer.adapter is not None:
+        layer.adapter.requires_grad_(True)
+    return layer
+
+
+@pytest.mark.parametrize("kind", [None, "lowrank", "wht", "wht-merged"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_training_forward_and_gradients_match_the_dense_layer(kind, bias, monkeypatch):
+    """Both ways of applying an adapter in training (to the activations, or merged
+    into the dequantized weight with ΔW's gradient passed through ΔW(θ)) give the
+    dense layer's outputs and gradients."""
+    monkeypatch.setattr(adapters, "WHT_MERGE_TOKENS_PER_ROW", 0.0 if kind == "wht-merged" else 1e9)
+    layer = _layer(kind, bias=bias)
+    x = torch.randn(3, 5, 192, requires_grad=True)
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    got_x = x.grad.clone()
+    got_adapter = [p.grad.clone() for p in layer.adapter.parameters()] if kind else []
+
+    x.grad = None
+    if kind:
+        layer.adapter.zero_grad()
+    delta = layer.adapter.delta_weight() if kind else 0.0
+    dense = x @ (layer.dequantized_weight() + delta).T + (layer.bias if bias else 0.0)
+    torch.testing.assert_close(y, dense, rtol=1e-5, atol=1e-5)
+    (dense * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    torch.testing.assert_close(got_x, x.grad, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(got_adapter, [p.grad for p in layer.adapter.parameters()] if kind else [], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _saved_bytes(fn) -> int:
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("kind", [None, "lowrank", "wht", "wht-merged"])
+def test_the_backward_keeps_no_dequantized_weight(kind, monkeypatch):
+    """What autograd holds between forward and backward is the activations (and the
+    adapter's), never a d_out × d_in matrix: the base is dequantized again."""
+    monkeypatch.setattr(adapters, "WHT_MERGE_TOKENS_PER_ROW", 0.0 if kind == "wht-merged" else 1e9)
+    layer = _layer(kind, d_in=512, d_out=1024)
+    x = torch.randn(2, 512, requires_grad=True)
+    dense_weight_bytes = 512 * 1024 * 4
+    saved = _saved_bytes(lambda: layer(x))
+    assert saved < dense_weight_bytes / 16, saved
+    plain = nn.Linear(512, 1024, bias=False)
+    assert _saved_bytes(lambda: plain(x)) >= dense_weight_bytes  # what a dense layer keeps
+
+
+def test_gradients_survive_an_inference_pass():
+    """bitsandbytes' CPU path repacks its weight after an inference forward and then
+    silently drops the input gradient (methods.md §4); here an eval-mode no-grad pass
+    between training steps changes nothing."""
+    layer = _layer("lowrank")
+    x = torch.randn(4, 192, requires_grad=True)
+    layer(x).square().sum().backward()
+    first = x.grad.clone()
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(4, 192))
+    layer.train()
+    x.grad = None
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, first)
+    assert torch.count_nonzero(x.grad) > 0
