@@ -145,6 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+
+    tr = sub.add_parser(
+        "train",
+        help="fine-tune the adapters of a low-bit model (QLoRA, LQ-LoRA, QWHA) from a recipe",
+        description="Train the high-precision part over the frozen packed base as a recipe says (see recipes/). "
+        "Runs as one process, or under `accelerate launch` on several GPUs or CPU processes.",
+    )
+    tr.add_argument("recipe", type=Path, help="recipe YAML file")
+    tr.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+    tr.add_argument("--resume", action="store_true", help="continue the run saved in the recipe's output_dir")
     return parser
 
 
@@ -347,7 +364,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
 
 
-COMMANDS = {"quantize": cmd_quantize, "calibrate": cmd_calibrate, "decompose": cmd_decompose, "eval": cmd_eval}
+def cmd_train(args: argparse.Namespace) -> None:
+    from qpeft.training.recipe import load_recipe
+    from qpeft.training.trainer import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    state = train(recipe, resume=args.resume)
+    if state.get("main", True):
+        ppl = f", eval perplexity {state['eval_ppl']:.4f}" if "eval_ppl" in state else ""
+        print(
+            f"trained {recipe.output_dir}: {state['step']} steps, {state['tokens']:,} tokens in "
+            f"{state['seconds']:.0f} s{ppl}; state in {recipe.output_dir}/state, curve {recipe.output_dir}/loss.png"
+        )
+
+
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "calibrate": cmd_calibrate,
+    "decompose": cmd_decompose,
+    "eval": cmd_eval,
+    "train": cmd_train,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

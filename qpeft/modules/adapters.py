@@ -11,6 +11,7 @@ A new kind is one class here registered in ADAPTERS.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -32,31 +33,45 @@ def index_dtype(shape: tuple[int, int]) -> torch.dtype:
 
 
 class LowRankAdapter(nn.Module):
-    """ΔW = L1·L2 with L1 (d_out × r) = `left`, L2 (r × d_in) = `right` (LoRA, LQ-LoRA)."""
+    """ΔW = s·L1·L2 with L1 (d_out × r) = `left`, L2 (r × d_in) = `right` and s =
+    `scale` (LoRA's alpha / r; 1 for LQ-LoRA, whose L1·L2 is the decomposition's)."""
 
     kind = "lowrank"
 
-    def __init__(self, in_features: int, out_features: int, rank: int, device=None, dtype=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, device=None, dtype=None, scale: float = 1.0
+    ) -> None:
         super().__init__()
-        self.rank = rank
+        self.rank, self.scale = rank, scale
         self.left = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype), False)
         self.right = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype), False)
 
+    def reset_lora(self, generator: torch.Generator | None = None) -> None:
+        """LoRA's initialisation (Hu et al. 2021; peft's): L2 Kaiming-uniform, L1 = 0, so ΔW = 0."""
+        bound = 1.0 / math.sqrt(self.right.shape[1])  # kaiming_uniform_(a=√5) on a fan-in of d_in
+        with torch.no_grad():
+            self.right.copy_(
+                torch.empty_like(self.right, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+            )
+            self.left.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.right.to(x.dtype)), self.left.to(x.dtype))
+        out = F.linear(F.linear(x, self.right.to(x.dtype)), self.left.to(x.dtype))
+        return out if self.scale == 1.0 else out * self.scale
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.left.to(dtype) @ self.right.to(dtype)
+        delta = self.left.to(dtype) @ self.right.to(dtype)
+        return delta if self.scale == 1.0 else delta * self.scale
 
     def merge_cheaper(self, tokens: int) -> bool:
         return False  # r·(d_in + d_out) per token: never worth a d_out × d_in product here
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "rank": self.rank}
+        return {"kind": self.kind, "rank": self.rank} | ({} if self.scale == 1.0 else {"scale": self.scale})
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], in_features: int, out_features: int, device, dtype) -> LowRankAdapter:
-        return cls(in_features, out_features, int(spec["rank"]), device, dtype)
+        return cls(in_features, out_features, int(spec["rank"]), device, dtype, float(spec.get("scale", 1.0)))
 
 
 class WHTAdapter(nn.Module):

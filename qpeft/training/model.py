@@ -1,0 +1,86 @@
+"""The model a recipe trains: a frozen packed base (a qpeft checkpoint) whose
+adapters alone are trainable.
+
+The base checkpoint is `OUTPUT_DIR/base`, made once by the user-facing commands
+(`qpeft quantize` for QLoRA, `qpeft decompose` for LQ-LoRA and QWHA) or taken as it
+is from `method.checkpoint`. QLoRA puts a fresh LoRA on every quantized matrix
+(L1 = 0, so training starts from the quantized model, scaled by alpha / r).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qpeft.errors import QpeftError
+from qpeft.modules import QuantLinear
+from qpeft.modules.adapters import LowRankAdapter
+from qpeft.training.recipe import Recipe
+
+BASE_DIR = "base"
+
+
+def base_command(recipe: Recipe, out: Path) -> list[str]:
+    """The `qpeft` command line that makes the recipe's base checkpoint at `out`."""
+    m = recipe.method
+    targets = ["--targets", m.targets] if m.targets else []
+    if m.name == "qlora":
+        return ["quantize", recipe.model, "--config", m.config or "nf4", "--out", str(out), *targets]
+    how = ["--budget", str(m.budget)] if m.budget is not None else ["--config", str(m.config)]
+    extra = ["--method", "qwha"] if m.name == "qwha" else ([] if m.fisher else ["--no-fisher"])
+    return ["decompose", recipe.model, *how, "--rank", str(m.rank), "--out", str(out), *extra, *targets]
+
+
+def build_base(recipe: Recipe) -> Path:
+    """The base checkpoint directory, made now unless it exists (a resumed run)."""
+    if recipe.method.name == "checkpoint":
+        path = Path(recipe.method.checkpoint)
+        if not path.is_dir():
+            raise QpeftError(f"recipe key method.checkpoint: {path} is not a directory")
+        return path
+    out = Path(recipe.output_dir) / BASE_DIR
+    if out.is_dir():
+        return out
+    from qpeft.cli import main
+
+    argv = base_command(recipe, out)
+    if main(argv) != 0:
+        raise QpeftError(f"making the base checkpoint failed: qpeft {' '.join(argv)}")
+    return out
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> None:
+    """A fresh LoRA (L1 = 0) of `rank`, scaled by alpha / rank, on every quantized matrix."""
+    generator = torch.Generator().manual_seed(seed)
+    for layer in quantized_layers(model).values():
+        if layer.adapter is not None:
+            raise QpeftError("the base checkpoint already has adapters: use method.name checkpoint to train them")
+        device = layer.codes.device if hasattr(layer, "codes") else None
+        adapter = LowRankAdapter(layer.in_features, layer.out_features, rank, device, torch.float32, alpha / rank)
+        adapter.reset_lora(generator)
+        layer.adapter = adapter
+
+
+def freeze_all_but_adapters(model: nn.Module) -> list[nn.Parameter]:
+    """Only adapter parameters train; returns them (there must be some)."""
+    model.requires_grad_(False)
+    trainable = []
+    for layer in quantized_layers(model).values():
+        if layer.adapter is not None:
+            for parameter in layer.adapter.parameters():
+                parameter.requires_grad_(True)
+                trainable.append(parameter)
+    if not trainable:
+        raise QpeftError("the model has no adapters to train (a checkpoint made with --rank 0?)")
+    return trainable
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors by name (what a training checkpoint stores)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}

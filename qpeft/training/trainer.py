@@ -1,0 +1,293 @@
+"""`qpeft train RECIPE.yaml`: fine-tune the adapters of a packed low-bit model.
+
+Built on accelerate: one process, `accelerate launch` (DDP over GPUs or CPU
+processes) alike. Every `train.save_every` steps (and at the end) the trainable
+tensors, the optimizer, the scheduler, the RNG states and the data position are
+written atomically to OUTPUT_DIR/state; `--resume` continues from there, and the
+run's parameters then equal those of an uninterrupted run (the data order is a
+function of the seed and the epoch). Logs: OUTPUT_DIR/log.jsonl, TensorBoard under
+OUTPUT_DIR/tensorboard, a tqdm bar with the loss and tokens/s, and loss.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qpeft.errors import QpeftError
+from qpeft.io.atomic import atomic_directory, atomic_file
+from qpeft.training.data import collate, load_examples, load_text
+from qpeft.training.model import add_lora, build_base, freeze_all_but_adapters, trainable_state
+from qpeft.training.recipe import Recipe
+
+STATE_DIR = "state"
+LOG_NAME = "log.jsonl"
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def _optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    t = recipe.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    import bitsandbytes as bnb
+
+    kinds = {
+        "adamw8bit": bnb.optim.AdamW8bit,
+        "paged_adamw": bnb.optim.PagedAdamW,
+        "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
+    }
+    return kinds[t.optimizer](params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total: int):
+    from transformers import get_scheduler
+
+    warmup = recipe.train.warmup
+    warmup_steps = round(warmup * total) if warmup < 1 else int(warmup)
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[recipe.train.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total)
+
+
+def _epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch: a function of the seed and the epoch
+    alone, so a resumed run sees the batches an uninterrupted one would."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(count, generator=generator).tolist()
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_state(out: Path, model, optimizer, scheduler, progress: dict[str, Any]) -> None:
+    """Write OUTPUT_DIR/state atomically (a new one replaces the old at the end)."""
+    from safetensors.torch import save_file
+
+    target = out / STATE_DIR
+    staged = out / f"{STATE_DIR}.new"
+    shutil.rmtree(staged, ignore_errors=True)
+    with atomic_directory(staged) as tmp:
+        save_file(
+            {k: v.contiguous().cpu() for k, v in trainable_state(model).items()}, str(tmp / "trainable.safetensors")
+        )
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+            tmp / "optimizer.pt",
+        )
+        (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
+    old = out / f"{STATE_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    staged.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(out: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    target = out / STATE_DIR
+    if not (target / "progress.json").is_file() and (out / f"{STATE_DIR}.old" / "progress.json").is_file():
+        target = out / f"{STATE_DIR}.old"  # a crash between the two renames of save_state
+    if not (target / "progress.json").is_file():
+        raise QpeftError(f"--resume: {out} has no saved training state")
+    tensors = load_file(str(target / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = sorted(set(trainable_state(model)) - set(tensors))
+    if missing:
+        raise QpeftError(f"--resume: the saved state lacks {missing[0]} (was the recipe changed?)")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    saved = torch.load(target / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    _set_rng_state(saved["rng"])
+    return json.loads((target / "progress.json").read_text())
+
+
+def plot_losses(log_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_ppl"]) for r in rows if "eval_ppl" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    if evals:
+        twin = ax.twinx()
+        twin.plot(*zip(*evals, strict=True), "o-", label="eval perplexity", color="tab:orange")
+        twin.set_ylabel("eval perplexity")
+    ax.set_title(f"{out.parent.name}: training")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _evaluate(model, eval_ids: torch.Tensor, recipe: Recipe, device: torch.device) -> float:
+    from qpeft.eval.perplexity import perplexity
+
+    was_training = model.training
+    result = perplexity(model, eval_ids, recipe.data.seqlen, recipe.data.eval_max_windows, device, progress=False)
+    model.train(was_training)
+    return result.ppl
+
+
+def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run the recipe; returns the final progress record (step, losses, eval ppl)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    from qpeft.eval.perplexity import tokenize
+    from qpeft.models.loading import load_checkpoint
+
+    out = Path(recipe.output_dir)
+    has_state = (out / STATE_DIR).exists() or (out / f"{STATE_DIR}.old").exists()
+    if has_state and not resume:
+        raise QpeftError(f"{out} holds a training run: pass --resume to continue it, or choose another output_dir")
+    if resume and not has_state:
+        raise QpeftError(f"--resume: {out} has no saved training state")
+    t = recipe.train
+    accelerator = Accelerator(
+        gradient_accumulation_steps=t.grad_accum,
+        mixed_precision=MIXED_PRECISION[t.dtype],
+        cpu=not torch.cuda.is_available(),
+    )
+    set_seed(recipe.seed)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        base = build_base(recipe)
+    accelerator.wait_for_everyone()
+    base = build_base(recipe) if not main else base  # exists now
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    examples = load_examples(tokenizer, recipe.data.train, recipe.data.format, recipe.data.seqlen)
+    eval_ids = None
+    if recipe.data.eval is not None:
+        eval_ids = tokenize(tokenizer, load_text(recipe.data.eval, "test"))
+
+    model = load_checkpoint(base, torch.float32, str(accelerator.device))
+    if recipe.method.name == "qlora":
+        alpha = recipe.method.alpha if recipe.method.alpha is not None else 2.0 * recipe.method.rank
+        add_lora(model, recipe.method.rank, alpha, recipe.seed)
+        model.to(accelerator.device)
+    params = freeze_all_but_adapters(model)
+    model.train()
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+    world = accelerator.num_processes
+    per_step = t.batch_size * t.grad_accum * world  # sequences per optimizer step
+    batches_per_epoch = len(examples) // (t.batch_size * world)
+    if batches_per_epoch == 0:
+        raise QpeftError(
+            f"data {recipe.data.train}: {len(examples)} examples, fewer than one batch of {t.batch_size} × {world}"
+        )
+    total = t.steps or max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accum))
+    optimizer = _optimizer(recipe, params)
+    scheduler = _scheduler(recipe, optimizer, total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = {"step": 0, "micro": 0, "tokens": 0, "seconds": 0.0}
+    if resume:
+        state = load_state(out, accelerator.unwrap_model(model), optimizer, scheduler)
+    log = out / LOG_NAME
+    tracker = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tracker = SummaryWriter(str(out / "tensorboard"))
+        if not resume:
+            log.write_text("")
+            (out / "recipe.json").write_text(json.dumps(recipe.as_dict(), indent=1))
+
+    def record(row: dict[str, Any]) -> None:
+        if not main:
+            return
+        with log.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step":
+                tracker.add_scalar(key, value, row["step"])
+
+    if main and eval_ids is not None and state["step"] == 0 and not resume:
+        record(
+            {"step": 0, "eval_ppl": _evaluate(accelerator.unwrap_model(model), eval_ids, recipe, accelerator.device)}
+        )
+
+    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=not (progress and main))
+    started, window_loss, window_micro = time.perf_counter() - state["seconds"], 0.0, 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    while state["step"] < total:
+        micro_per_epoch = batches_per_epoch
+        epoch, position = divmod(state["micro"], micro_per_epoch)
+        order = _epoch_order(len(examples), recipe.seed, epoch)
+        start = (position * world + accelerator.process_index) * t.batch_size
+        indices = order[start : start + t.batch_size]
+        batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
+        with accelerator.accumulate(model):
+            loss = model(**batch, use_cache=False).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad()
+        state["micro"] += 1
+        state["tokens"] += int(batch["attention_mask"].sum()) * world
+        window_loss += float(loss.detach())
+        window_micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        state["step"] += 1
+        state["seconds"] = time.perf_counter() - started
+        bar.update()
+        step = state["step"]
+        if step % t.log_every == 0 or step == total:
+            mean_loss = float(
+                accelerator.reduce(torch.tensor(window_loss / window_micro, device=accelerator.device), "mean")
+            )
+            tokens_per_s = state["tokens"] / max(state["seconds"], 1e-9)
+            record({"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s})
+            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            window_loss, window_micro = 0.0, 0
+        if eval_ids is not None and main and (step == total or (t.eval_every and step % t.eval_every == 0)):
+            ppl = _evaluate(accelerator.unwrap_model(model), eval_ids, recipe, accelerator.device)
+            state["eval_ppl"] = ppl
+            record({"step": step, "eval_ppl": ppl})
+        if step == total or (t.save_every and step % t.save_every == 0):
+            accelerator.wait_for_everyone()
+            if main:
+                save_state(out, accelerator.unwrap_model(model), optimizer, scheduler, state)
+            accelerator.wait_for_everyone()
+    bar.close()
+    if main:
+        tracker.close()
+        plot_losses(log, out / "loss.png")
+    return {**state, "sequences_per_step": per_step, "main": main}

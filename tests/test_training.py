@@ -1,0 +1,150 @@
+"""`qpeft train`: recipes, data, exact resume, the methods' bases, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from calib import dataset_path
+from qpeft.errors import QpeftError
+from qpeft.training import trainer
+from qpeft.training.data import IGNORE, alpaca_examples, alpaca_prompt, collate
+from qpeft.training.recipe import load_recipe
+from tests.conftest import make_tokenizer
+from tests.test_cli import assert_one_line_error, run
+
+
+@pytest.fixture(scope="module")
+def train_text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("train") / "train.txt"
+    path.write_text(dataset_path("wikitext2", "valid").read_text(encoding="utf-8")[:12_000], encoding="utf-8")
+    return path
+
+
+def write_recipe(path: Path, model: Path, text: Path, out: Path, **sections) -> Path:
+    body = {
+        "model": str(model),
+        "method": {"name": "qlora", "rank": 4},
+        "data": {"train": str(text), "eval": str(text), "seqlen": 32, "eval_max_windows": 4},
+        "train": {"steps": 4, "batch_size": 2, "lr": 1e-2, "dtype": "fp32", "save_every": 2, "schedule": "cosine"},
+        "output_dir": str(out),
+    }
+    for key, value in sections.items():
+        body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def _final_adapters(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "state" / "trainable.safetensors"))
+
+
+def test_resume_continues_exactly(tiny_model_dir, train_text, tmp_path, monkeypatch):
+    """4 steps straight, and 2 steps + a crash + --resume + 2 steps, end with the
+    same adapter weights, optimizer step count and loss log."""
+    straight = load_recipe(write_recipe(tmp_path / "a.yaml", tiny_model_dir, train_text, tmp_path / "a"))
+    trainer.train(straight, progress=False)
+
+    broken = load_recipe(write_recipe(tmp_path / "b.yaml", tiny_model_dir, train_text, tmp_path / "b"))
+    real_save = trainer.save_state
+
+    def save_then_crash(out, model, optimizer, scheduler, progress):
+        real_save(out, model, optimizer, scheduler, progress)
+        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+
+    monkeypatch.setattr(trainer, "save_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(broken, progress=False)
+    monkeypatch.setattr(trainer, "save_state", real_save)
+    assert json.loads((tmp_path / "b" / "state" / "progress.json").read_text())["step"] == 2
+    with pytest.raises(QpeftError, match="holds a training run: pass --resume"):
+        trainer.train(broken, progress=False)
+    trainer.train(broken, resume=True, progress=False)
+
+    a, b = _final_adapters(tmp_path / "a"), _final_adapters(tmp_path / "b")
+    assert sorted(a) == sorted(b) and len(a) == 2 * 14  # L1 and L2 of the 14 matrices
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    losses = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in "ab"]
+    curves = [[(r["step"], r["loss"], r["lr"]) for r in rows if "loss" in r] for rows in losses]
+    assert curves[0] == curves[1] and len(curves[0]) == 4
+    assert (tmp_path / "a" / "loss.png").is_file() and list((tmp_path / "a" / "tensorboard").iterdir())
+
+
+def test_training_lowers_the_loss_on_its_data(tiny_model_dir, train_text, tmp_path):
+    """QLoRA on the tiny random model: 20 steps on a text lower its perplexity on that
+    text (the adapters alone learn: the base is frozen)."""
+    train = {"steps": 20, "lr": 3e-2, "schedule": "constant", "save_every": None}
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_text, tmp_path / "q", train=train))
+    state = trainer.train(recipe, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "q" / "log.jsonl").read_text().splitlines()]
+    evals = [r["eval_ppl"] for r in rows if "eval_ppl" in r]
+    assert evals[0] == rows[0]["eval_ppl"] and len(evals) == 2
+    assert evals[-1] < 0.95 * evals[0], evals
+    assert state["step"] == 20 and state["tokens"] == 20 * 2 * 32
+    assert (tmp_path / "q" / "base" / "qpeft_manifest.json").is_file()
+
+
+def test_alpaca_examples_mask_the_prompt(tmp_path):
+    tokenizer = make_tokenizer()
+    records = [
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    examples = alpaca_examples(tokenizer, str(path), seqlen=256)
+    assert len(examples) == 2
+    for record, example in zip(records, examples, strict=True):
+        prompt = tokenizer(alpaca_prompt(record["instruction"], record["input"]), add_special_tokens=False).input_ids
+        answer = [*tokenizer(record["output"], add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+        targets = example.labels[example.labels != IGNORE].tolist()
+        assert targets == answer and example.input_ids[-len(answer) :].tolist() == answer
+        assert (example.labels[: len(prompt)] == IGNORE).all()
+    assert "### Input:\n2 and 3" in alpaca_prompt("x", "2 and 3") and "### Input" not in alpaca_prompt("x")
+    batch = collate(examples, pad_id=0)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    short = int(batch["attention_mask"][0].sum()) if len(examples[0].input_ids) < len(examples[1].input_ids) else None
+    if short is not None:
+        assert (batch["labels"][0, short:] == IGNORE).all()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"instruction": "a"}\n', "records need instruction and output fields, missing ['output']"),
+        ("not json at all\n", "cannot read"),
+        ("", "cannot read"),
+    ],
+)
+def test_bad_alpaca_files(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(QpeftError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        alpaca_examples(make_tokenizer(), str(path), 64)
+
+
+def test_train_cli_errors(tiny_model_dir, train_text, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_text, tmp_path / "o")
+    code, _, err = run(capsys, "train", recipe, "--set", "train.lrr=1")
+    assert_one_line_error(code, err, "unknown recipe key train.lrr (known: steps, epochs,")
+    code, _, err = run(capsys, "train", recipe, "--set", "train.lr=fast")
+    assert_one_line_error(code, err, "recipe key train.lr: expected float, got 'fast'")
+    code, _, err = run(capsys, "train", recipe, "--set", "data.train=" + str(tmp_path / "none.txt"))
+    assert_one_line_error(code, err, "data file not found:")
+    code, _, err = run(capsys, "train", tmp_path / "missing.yaml")
+    assert_one_line_error(code, err, "cannot read the recipe")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    code, _, err = run(capsys, "train", tmp_path / "bad.yaml")
+    assert_one_line_error(code, err, "is not valid YAML")
+    code, _, err = run(capsys, "train", recipe, "--resume")
+    assert_one_line_error(code, err, "has no saved training state")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    code, _, err = run(capsys, "train", recipe, "--set", f"data.train={empty}")
+    assert_one_line_error(code, err, "is empty")
