@@ -374,7 +374,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         ppl = f", eval perplexity {state['eval_ppl']:.4f}" if "eval_ppl" in state else ""
         print(
             f"trained {recipe.output_dir}: {state['step']} steps, {state['tokens']:,} tokens in "
-            f"{state['seconds']:.0f} s{ppl}; state in {recipe.output_dir}/state, curve {recipe.output_dir}/loss.png"
+            f"{state['seconds']:.0f} s{ppl}; model {recipe.output_dir}/model, curve {recipe.output_dir}/loss.png"
         )
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from calib import dataset_path
 from qpeft.errors import QpeftError
+from qpeft.io.checkpoint import read_manifest
 from qpeft.training import trainer
 from qpeft.training.data import IGNORE, alpaca_examples, alpaca_prompt, collate
 from qpeft.training.recipe import load_recipe
@@ -76,7 +77,7 @@ def test_resume_continues_exactly(tiny_model_dir, train_text, tmp_path, monkeypa
     assert (tmp_path / "a" / "loss.png").is_file() and list((tmp_path / "a" / "tensorboard").iterdir())
 
 
-def test_training_lowers_the_loss_on_its_data(tiny_model_dir, train_text, tmp_path):
+def test_training_lowers_the_loss_on_its_data(tiny_model_dir, train_text, tmp_path, capsys):
     """QLoRA on the tiny random model: 20 steps on a text lower its perplexity on that
     text (the adapters alone learn: the base is frozen)."""
     train = {"steps": 20, "lr": 3e-2, "schedule": "constant", "save_every": None}
@@ -88,6 +89,24 @@ def test_training_lowers_the_loss_on_its_data(tiny_model_dir, train_text, tmp_pa
     assert evals[-1] < 0.95 * evals[0], evals
     assert state["step"] == 20 and state["tokens"] == 20 * 2 * 32
     assert (tmp_path / "q" / "base" / "qpeft_manifest.json").is_file()
+    # the trained model is a checkpoint that eval loads, with the final perplexity
+    manifest = read_manifest(tmp_path / "q" / "model")
+    entry = next(iter(manifest["quantized"].values()))
+    assert entry["adapter"] == {"kind": "lowrank", "rank": 4, "scale": 2.0} and manifest["training"]["step"] == 20
+    code, stdout, err = run(
+        capsys,
+        "eval",
+        tmp_path / "q" / "model",
+        "--text-file",
+        train_text,
+        "--seqlen",
+        32,
+        "--max-windows",
+        4,
+        "--json",
+    )
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["ppl"] == pytest.approx(evals[-1], rel=2e-2)
 
 
 def test_alpaca_examples_mask_the_prompt(tmp_path):

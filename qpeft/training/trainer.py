@@ -6,7 +6,9 @@ tensors, the optimizer, the scheduler, the RNG states and the data position are
 written atomically to OUTPUT_DIR/state; `--resume` continues from there, and the
 run's parameters then equal those of an uninterrupted run (the data order is a
 function of the seed and the epoch). Logs: OUTPUT_DIR/log.jsonl, TensorBoard under
-OUTPUT_DIR/tensorboard, a tqdm bar with the loss and tokens/s, and loss.png.
+OUTPUT_DIR/tensorboard, a tqdm bar with the loss and tokens/s, and loss.png. At the
+end the trained model is written as a qpeft checkpoint, OUTPUT_DIR/model, which
+`qpeft eval` loads.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from tqdm.auto import tqdm
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory, atomic_file
 from qpeft.training.data import collate, load_examples, load_text
+from qpeft.training.export import save_trained
 from qpeft.training.model import add_lora, build_base, freeze_all_but_adapters, trainable_state
 from qpeft.training.recipe import Recipe
 
 STATE_DIR = "state"
+MODEL_DIR = "model"  # the trained model as a qpeft checkpoint
 LOG_NAME = "log.jsonl"
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -290,4 +294,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     if main:
         tracker.close()
         plot_losses(log, out / "loss.png")
+        final = out / MODEL_DIR
+        shutil.rmtree(final, ignore_errors=True)  # a resumed run that had already finished writes it again
+        training = {"recipe": recipe.as_dict(), **{k: state[k] for k in state if k != "main"}}
+        save_trained(accelerator.unwrap_model(model), base, final, training)
     return {**state, "sequences_per_step": per_step, "main": main}
