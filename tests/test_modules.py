@@ -99,3 +99,23 @@ def test_gradients_survive_an_inference_pass():
     layer(x).square().sum().backward()
     torch.testing.assert_close(x.grad, first)
     assert torch.count_nonzero(x.grad) > 0
+
+
+@pytest.mark.parametrize("kind", [None, "lowrank", "wht-merged"])
+def test_autocast_dequantizes_straight_to_its_dtype(kind, monkeypatch):
+    """Under bf16 autocast the base matmul runs in bf16 on a weight dequantized to bf16
+    (not dequantized to fp32 and cast), forward and backward, and the gradients still
+    come back in the input's dtype, close to an fp32 computation."""
+    monkeypatch.setattr(adapters, "WHT_MERGE_TOKENS_PER_ROW", 0.0 if kind == "wht-merged" else 1e9)
+    layer = _layer(kind)
+    x = torch.randn(6, 192, requires_grad=True)
+    casts = []
+    real = layer.dequantized_weight
+    monkeypatch.setattr(layer, "dequantized_weight", lambda dtype=torch.float32: casts.append(dtype) or real(dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+    assert casts == [torch.bfloat16, torch.bfloat16]  # forward and backward
+    reference = x.detach() @ (real() + (layer.adapter.delta_weight() if kind else 0.0)).T
+    torch.testing.assert_close(y.float(), reference, rtol=0.05, atol=0.05)

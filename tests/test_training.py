@@ -167,3 +167,12 @@ def test_train_cli_errors(tiny_model_dir, train_text, tmp_path, capsys):
     empty.write_text("  \n")
     code, _, err = run(capsys, "train", recipe, "--set", f"data.train={empty}")
     assert_one_line_error(code, err, "is empty")
+
+
+def test_shipped_recipes_are_valid():
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    names = {p.stem for p in recipes}
+    assert {"llama2-7b-lqlora-2.75bit", "llama2-70b-lqlora-2.75bit", "llama3-8b-qwha-3bit"} <= names
+    assert {"mistral-7b-qlora-nf4", "smollm2-qlora-nf4", "smollm2-lqlora-2.75bit", "smollm2-qwha-3bit"} <= names
+    for path in recipes:
+        load_recipe(path)

@@ -10,6 +10,13 @@ from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 from qpeft.quant.blockwise import PART_NAMES, part_specs
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` runs in: autocast's when it is on (the weight is then
+    dequantized straight to it, not dequantized and cast again), else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 class _QuantMatmul(torch.autograd.Function):
     """y = x·Wᵀ for W = deq(Q) (+ ΔW when `merge`), keeping neither W nor ΔW for the
     backward (QLoRA §3): the backward dequantizes Q again, and a merged adapter
@@ -21,24 +28,27 @@ class _QuantMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QuantLinear, merge: bool, *params: torch.Tensor) -> torch.Tensor:
-        ctx.layer, ctx.merge = layer, merge
-        weight = layer.dequantized_weight(x.dtype)
+        dtype = compute_dtype(x)
+        ctx.layer, ctx.merge, ctx.dtype = layer, merge, dtype
+        weight = layer.dequantized_weight(dtype)
         if merge:
-            weight += layer.adapter.delta_weight(x.dtype)
+            weight += layer.adapter.delta_weight(dtype)
             ctx.save_for_backward(x, *params)
-        return F.linear(x, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        layer = ctx.layer
-        weight = layer.dequantized_weight(grad.dtype)
+        layer, dtype = ctx.layer, ctx.dtype
+        grad = grad.to(dtype)
+        weight = layer.dequantized_weight(dtype)
         param_grads: tuple[torch.Tensor | None, ...] = ()
         if ctx.merge:
             x, *params = ctx.saved_tensors
             with torch.enable_grad():
-                delta = layer.adapter.delta_weight(grad.dtype)
+                delta = layer.adapter.delta_weight(dtype)
             if params:
-                grad_delta = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+                grad_delta = grad.reshape(-1, grad.shape[-1]).T @ x.to(dtype).reshape(-1, x.shape[-1])
                 param_grads = torch.autograd.grad(delta, params, grad_delta, allow_unused=True)
             weight += delta.detach()
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
@@ -105,11 +115,12 @@ class QuantLinear(nn.Module):
             if self.adapter is not None and not merge:
                 y = y + self.adapter(x)
             return y if self.bias is None else y + self.bias
-        weight = self.dequantized_weight(x.dtype)
+        dtype = compute_dtype(x)
+        weight = self.dequantized_weight(dtype)
         if self.adapter is None:
             return F.linear(x, weight, self.bias)
         if self.adapter.merge_cheaper(x.numel() // x.shape[-1]):
-            return F.linear(x, weight + self.adapter.delta_weight(x.dtype), self.bias)
+            return F.linear(x, weight + self.adapter.delta_weight(dtype), self.bias)
         return F.linear(x, weight, self.bias) + self.adapter(x)
 
     def extra_repr(self) -> str:
