@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,3 +180,39 @@ def test_shipped_recipes_are_valid():
     assert {"mistral-7b-qlora-nf4", "smollm2-qlora-nf4", "smollm2-lqlora-2.75bit", "smollm2-qwha-3bit"} <= names
     for path in recipes:
         load_recipe(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _accelerate_train(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
+    # accelerate's --cpu launches one process whatever --num_processes says; --multi_gpu on a
+    # machine without GPUs starts 2 processes over gloo (accelerate's MULTI_CPU)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--main_process_port", str(_free_port()), "-m", "qpeft.cli", "train", str(recipe), *extra]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_cpu_processes_train_and_resume(tiny_model_dir, train_text, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPUs: each process takes its own share of
+    every step's batch; 2 steps, then --resume to 4, equal 4 steps straight (DDP's
+    averaged gradients on both sides)."""
+    train = {"schedule": "constant", "save_every": 1}
+    straight = write_recipe(tmp_path / "a.yaml", tiny_model_dir, train_text, tmp_path / "a", train=train)
+    result = _accelerate_train(straight)
+    assert result.returncode == 0, result.stderr[-3000:]
+    halves = write_recipe(tmp_path / "b.yaml", tiny_model_dir, train_text, tmp_path / "b", train=train)
+    result = _accelerate_train(halves, "--set", "train.steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "b" / "state" / "progress.json").read_text())["step"] == 2
+    result = _accelerate_train(halves, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _final_adapters(tmp_path / "a"), _final_adapters(tmp_path / "b")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    progress = json.loads((tmp_path / "a" / "state" / "progress.json").read_text())
+    assert progress["step"] == 4 and progress["tokens"] == 4 * 2 * 2 * 32  # 2 processes × batch 2 × 32 tokens

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qpeft.errors import QpeftError
+from qpeft.io.checkpoint import is_checkpoint
 from qpeft.modules import QuantLinear
 from qpeft.modules.adapters import LowRankAdapter
 from qpeft.training.recipe import Recipe
@@ -33,22 +34,25 @@ def base_command(recipe: Recipe, out: Path) -> list[str]:
     return ["decompose", recipe.model, *how, "--rank", str(m.rank), "--out", str(out), *extra, *targets]
 
 
-def build_base(recipe: Recipe) -> Path:
-    """The base checkpoint directory, made now unless it exists (a resumed run)."""
+def base_dir(recipe: Recipe) -> Path:
+    """Where the recipe's base checkpoint is (or will be)."""
     if recipe.method.name == "checkpoint":
         path = Path(recipe.method.checkpoint)
-        if not path.is_dir():
-            raise QpeftError(f"recipe key method.checkpoint: {path} is not a directory")
+        if not is_checkpoint(path):
+            raise QpeftError(f"recipe key method.checkpoint: {path} is not a qpeft checkpoint")
         return path
-    out = Path(recipe.output_dir) / BASE_DIR
-    if out.is_dir():
-        return out
+    return Path(recipe.output_dir) / BASE_DIR
+
+
+def build_base(recipe: Recipe) -> None:
+    """Make the base checkpoint with `qpeft quantize` / `qpeft decompose`. Under
+    torch.distributed every process of a decomposition calls this (the cost table is
+    split across them and rank 0 writes); a quantization runs on one process."""
     from qpeft.cli import main
 
-    argv = base_command(recipe, out)
+    argv = base_command(recipe, base_dir(recipe))
     if main(argv) != 0:
         raise QpeftError(f"making the base checkpoint failed: qpeft {' '.join(argv)}")
-    return out
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:

@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory, atomic_file
+from qpeft.io.checkpoint import is_checkpoint
 from qpeft.training.data import collate, load_examples, load_text
 from qpeft.training.export import save_trained
-from qpeft.training.model import add_lora, build_base, freeze_all_but_adapters, trainable_state
+from qpeft.training.model import add_lora, base_dir, build_base, freeze_all_but_adapters, trainable_state
 from qpeft.training.recipe import Recipe
 
 STATE_DIR = "state"
@@ -185,9 +186,12 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        base = build_base(recipe)
+    base = base_dir(recipe)
+    if not is_checkpoint(base):
+        decomposition = recipe.method.name in ("lqlora", "qwha")
+        if main or (decomposition and accelerator.num_processes > 1):
+            build_base(recipe)
     accelerator.wait_for_everyone()
-    base = build_base(recipe) if not main else base  # exists now
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     examples = load_examples(tokenizer, recipe.data.train, recipe.data.format, recipe.data.seqlen)
@@ -195,7 +199,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     if recipe.data.eval is not None:
         eval_ids = tokenize(tokenizer, load_text(recipe.data.eval, "test"))
 
-    model = load_checkpoint(base, torch.float32, str(accelerator.device))
+    device = accelerator.device
+    model = load_checkpoint(base, torch.float32, "cpu" if device.type == "cpu" else str(device))  # not "cpu:0"
     if recipe.method.name == "qlora":
         alpha = recipe.method.alpha if recipe.method.alpha is not None else 2.0 * recipe.method.rank
         add_lora(model, recipe.method.rank, alpha, recipe.seed)
