@@ -22,9 +22,7 @@ def _layer(kind: str | None, d_in: int = 192, d_out: int = 96, bias: bool = Fals
         count = 300
         layer.adapter = WHTAdapter(d_in, d_out, count)
         flat = torch.randperm(d_out * d_in)[:count]
-        layer.adapter.load_state_dict(
-            {"values": torch.randn(count) * 0.1, "rows": (flat // d_in).short(), "cols": (flat % d_in).short()}
-        )
+        layer.adapter.set_positions(torch.randn(count) * 0.1, flat // d_in, flat % d_in)
     if layer.adapter is not None:
         layer.adapter.requires_grad_(True)
     return layer
@@ -119,3 +117,26 @@ def test_autocast_dequantizes_straight_to_its_dtype(kind, monkeypatch):
     assert casts == [torch.bfloat16, torch.bfloat16]  # forward and backward
     reference = x.detach() @ (real() + (layer.adapter.delta_weight() if kind else 0.0)).T
     torch.testing.assert_close(y.float(), reference, rtol=0.05, atol=0.05)
+
+
+def test_wht_positions_are_stored_in_compressed_rows():
+    """16 bits of column per value plus d_out + 1 row offsets, not 32 bits of (row,
+    column); explicit pairs in any order (the first checkpoints' form) load the same."""
+    torch.manual_seed(5)
+    d_in, d_out, count = 192, 96, 300
+    flat = torch.randperm(d_out * d_in)[:count]
+    values = torch.randn(count)
+    adapter = WHTAdapter(d_in, d_out, count)
+    adapter.set_positions(values, flat // d_in, flat % d_in)
+    state = adapter.state_dict()
+    assert set(state) == {"values", "cols", "row_offsets"}
+    assert state["cols"].dtype == torch.int16 and state["row_offsets"].shape == (d_out + 1,)
+    dense = torch.zeros(d_out, d_in).index_put_((flat // d_in, flat % d_in), values)
+    torch.testing.assert_close(adapter.coefficients(torch.float32), dense)
+    old_form = {"values": values, "rows": (flat // d_in).short(), "cols": (flat % d_in).short()}
+    again = WHTAdapter(d_in, d_out, count)
+    again.load_state_dict(old_form)
+    torch.testing.assert_close(again.delta_weight(), adapter.delta_weight())
+    reloaded = WHTAdapter(d_in, d_out, count)
+    reloaded.load_state_dict(state)
+    assert torch.equal(reloaded.rows, adapter.rows) and torch.equal(reloaded.coefficients(torch.float32), dense)

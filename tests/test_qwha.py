@@ -145,9 +145,7 @@ def test_wht_adapter_paths_agree(width, monkeypatch):
     g = torch.Generator().manual_seed(width)
     adapter = WHTAdapter(width, d_out, count)
     flat = torch.randperm(d_out * width, generator=g)[:count].sort().values
-    adapter.rows.copy_(flat // width)
-    adapter.cols.copy_(flat % width)
-    adapter.values.data = torch.randn(count, generator=g)
+    adapter.set_positions(torch.randn(count, generator=g), flat // width, flat % width)
     adapter.values.requires_grad_(True)
     dense = torch.zeros(d_out, width).index_put_((flat // width, flat % width), adapter.values.detach())
     expected_delta = dense @ WalshHadamard(width).matrix()

@@ -40,9 +40,7 @@ def wht_adapter(d_in: int, d_out: int, rank: int) -> WHTAdapter:
     count = parameter_count(rank, (d_out, d_in))
     adapter = WHTAdapter(d_in, d_out, count)
     flat = torch.randperm(d_out * d_in)[:count].sort().values
-    adapter.rows.copy_(flat // d_in)
-    adapter.cols.copy_(flat % d_in)
-    adapter.values.data.normal_()
+    adapter.set_positions(torch.randn(count), flat // d_in, flat % d_in)
     return adapter
 
 

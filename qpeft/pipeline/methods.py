@@ -129,7 +129,7 @@ class QWHA:
         spectrum = init.spectrum
         rows, cols = weight.shape
         adapter = WHTAdapter(cols, rows, spectrum.values.numel(), weight.device, ADAPTER_DTYPE)
-        adapter.load_state_dict({"values": spectrum.values, "rows": spectrum.rows, "cols": spectrum.cols})
+        adapter.set_positions(spectrum.values, spectrum.rows, spectrum.cols)
         report |= {
             "values": spectrum.values.numel(),
             "max_per_row": int(init.counts.max()),
