@@ -140,3 +140,49 @@ def test_wht_positions_are_stored_in_compressed_rows():
     reloaded = WHTAdapter(d_in, d_out, count)
     reloaded.load_state_dict(state)
     assert torch.equal(reloaded.rows, adapter.rows) and torch.equal(reloaded.coefficients(torch.float32), dense)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_gives_the_eager_outputs_and_gradients(backend):
+    import torch._dynamo
+
+    layer = _layer("lowrank")
+    x = torch.randn(8, 192, requires_grad=True)
+    layer(x).square().sum().backward()
+    eager = (x.grad.clone(), layer.adapter.left.grad.clone(), layer.adapter.right.grad.clone())
+    x.grad = None
+    layer.adapter.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=backend)
+    y = compiled(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
+    for got, expected in zip((x.grad, layer.adapter.left.grad, layer.adapter.right.grad), eager, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tmp_path):
+    """A whole model (QLoRA on the tiny LLaMA) with transformers' gradient
+    checkpointing: the recomputed forward re-dequantizes, the gradients are the same."""
+    from qpeft.models.loading import load_checkpoint
+    from qpeft.pipeline.quantize import quantize_model
+    from qpeft.training.model import add_lora, freeze_all_but_adapters
+
+    quantize_model(tiny_model_dir, tmp_path / "nf4", PRESETS["nf4"])
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = load_checkpoint(tmp_path / "nf4")
+        add_lora(model, 4, 8.0, seed=0)
+        for layer in model.modules():  # L1 = 0 gives L2 no gradient: start elsewhere
+            if isinstance(layer, LowRankAdapter):
+                torch.nn.init.normal_(layer.left, std=0.02, generator=torch.Generator().manual_seed(1))
+        params = freeze_all_but_adapters(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append([p.grad.clone() for p in params])
+    assert model.is_gradient_checkpointing
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, recomputed, rtol=1e-5, atol=1e-7)
