@@ -9,6 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qpeft-installed
 DEMO_OUT ?= out/demo-smollm2-nf4
+DEMO_TRAIN ?= out/demo-smollm2-qlora-train
 
 .PHONY: demo test test-all lint clean
 
@@ -25,10 +26,13 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	rm -rf $(DEMO_OUT)
+	rm -rf $(DEMO_OUT) $(DEMO_TRAIN)
 	$(VENV)/bin/qpeft quantize smollm2 --config nf4 --out $(DEMO_OUT)
 	$(VENV)/bin/qpeft eval smollm2 --max-windows 4
 	$(VENV)/bin/qpeft eval $(DEMO_OUT) --max-windows 4
+	$(VENV)/bin/qpeft train recipes/smollm2-qlora-nf4.yaml --set output_dir=$(DEMO_TRAIN) \
+		--set train.steps=4 --set train.eval_every=null --set data.eval_max_windows=2
+	$(VENV)/bin/qpeft eval $(DEMO_TRAIN)/model --max-windows 4
 
 test: $(STAMP)
 	$(PY) -m pytest -q
