@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
 
+    ins = sub.add_parser("inspect", help="a qpeft checkpoint's manifest as a table (checks its files too)")
+    ins.add_argument("checkpoint", type=Path, help="a qpeft checkpoint directory")
+
     tr = sub.add_parser(
         "train",
         help="fine-tune the adapters of a low-bit model (QLoRA, LQ-LoRA, QWHA) from a recipe",
@@ -364,6 +367,36 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from qpeft.io.checkpoint import is_checkpoint, read_manifest
+    from qpeft.pipeline.decompose import format_type_table, type_table
+
+    if not is_checkpoint(args.checkpoint):
+        raise QpeftError(f"{args.checkpoint} is not a qpeft checkpoint (no qpeft_manifest.json)")
+    manifest = read_manifest(args.checkpoint)
+    s = manifest["summary"]
+    base = manifest.get("base_model", {})
+    checks = manifest.get("checksums")
+    print(f"checkpoint    {args.checkpoint} (schema {manifest['schema_version']})")
+    print(f"method        {manifest.get('method')}" + (f", budget {s['budget']:g}" if s.get("budget") else ""))
+    print(f"base model    {base.get('source') or base.get('path')}")
+    print(f"matrices      {s['matrices']} ({s['params']:,} parameters)")
+    print(f"Q bits/param  {s['bits_per_param']:.4f}")
+    if "bits_with_adapter" in s:
+        line = f"with adapter  {s['bits_with_adapter']:.4f} ({s['adapter_params']:,} trainable parameters, bf16)"
+        if "bits_with_lowrank_nf8" in s:
+            line += f"; L1/L2 as NF8 {s['bits_with_lowrank_nf8']:.4f}"
+        print(line)
+    if "training" in manifest:
+        t = manifest["training"]
+        ppl = f", eval perplexity {t['eval_ppl']:.4f}" if "eval_ppl" in t else ""
+        print(f"trained       {t['step']} steps, {t['tokens']:,} tokens{ppl} (from {t.get('base')})")
+    if checks:
+        print(f"checksums     {len(checks['files'])} files, {len(checks['tensors'])} tensors (sha256)")
+    print()
+    print(format_type_table(manifest.get("by_type") or type_table(manifest["quantized"])))
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from qpeft.training.recipe import load_recipe
     from qpeft.training.trainer import train
@@ -383,6 +416,7 @@ COMMANDS = {
     "calibrate": cmd_calibrate,
     "decompose": cmd_decompose,
     "eval": cmd_eval,
+    "inspect": cmd_inspect,
     "train": cmd_train,
 }
 

@@ -7,14 +7,19 @@ Layout of a checkpoint directory:
                                      layer NAME is stored as NAME.codes, NAME.scales
                                      (+ NAME.scale_scales, NAME.scale_offset)
     qpeft_manifest.json              format version, per-matrix config and bits,
-                                     tensor → shard map, provenance
+                                     tensor → shard map, provenance, and the sha256
+                                     of every other file and of every tensor
 
 Tensors are written shard by shard as they are produced and read back shard by
-shard, so neither side holds more than one shard beyond the model itself.
+shard, so neither side holds more than one shard beyond the model itself. Reading
+checks every tensor against its sha256 (an error names the shard and the tensor) and
+every other file against its own; schema version 1 (no checksums) still loads.
+The format in full: docs/FORMAT.md.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -32,18 +37,35 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = "qpeft_manifest.json"
 FORMAT_NAME = "qpeft"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added the checksums
+READABLE_VERSIONS = (1, 2)
 DEFAULT_SHARD_BYTES = 2 << 30
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (C order, its own dtype)."""
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class ShardWriter:
-    """Accumulates tensors and writes a safetensors shard whenever it is full."""
+    """Accumulates tensors and writes a safetensors shard whenever it is full; keeps
+    each tensor's sha256 for the manifest."""
 
     def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
         self.directory, self.max_shard_bytes = Path(directory), max_shard_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.weight_map: dict[str, str] = {}
+        self.sha256: dict[str, str] = {}
         self.shards = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
@@ -53,6 +75,7 @@ class ShardWriter:
         if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
             self.flush()
         self.pending[key] = tensor.detach().contiguous().cpu()
+        self.sha256[key] = tensor_sha256(self.pending[key])
         self.pending_bytes += nbytes
 
     def flush(self) -> None:
@@ -87,9 +110,18 @@ def stream_model(
     return entries
 
 
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    body = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, **manifest}
-    (Path(directory) / MANIFEST_NAME).write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
+def write_manifest(directory: Path, manifest: dict[str, Any], writer: ShardWriter) -> None:
+    """Write the manifest, last (a directory without it is not a checkpoint), with the
+    sha256 of every file already in `directory` and of every tensor `writer` wrote."""
+    directory = Path(directory)
+    files = {p.name: file_sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    body = {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        **{k: v for k, v in manifest.items() if k not in ("format", "schema_version", "checksums")},
+        "checksums": {"files": files, "tensors": writer.sha256},
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -104,17 +136,36 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise QpeftError(f"cannot read {file}: {exc}") from exc
     if manifest.get("format") != FORMAT_NAME:
         raise QpeftError(f"{file} is not a qpeft manifest")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        version = manifest.get("schema_version")
-        raise QpeftError(f"{file}: schema version {version} is not supported (this qpeft reads {SCHEMA_VERSION})")
+    version = manifest.get("schema_version")
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise QpeftError(f"{file}: schema version {version} is not supported (this qpeft reads {readable})")
+    for name, digest in manifest.get("checksums", {}).get("files", {}).items():
+        if name.endswith(".safetensors"):
+            continue  # checked tensor by tensor as they are read
+        other = Path(path) / name
+        if not other.is_file():
+            raise QpeftError(f"checkpoint {path} is missing {name}")
+        if file_sha256(other) != digest:
+            raise QpeftError(f"checkpoint {path}: {name} does not match its checksum (changed or corrupt)")
     return manifest
 
 
 def iter_shards(path: Path, manifest: dict[str, Any], device: str = "cpu"):
-    """Yield (shard name, {key: tensor}) one shard at a time."""
+    """Yield (shard name, {key: tensor}) one shard at a time, each tensor checked
+    against its sha256 when the manifest has them."""
+    digests = manifest.get("checksums", {}).get("tensors")
     for shard in sorted(set(manifest["weight_map"].values())):
         file = Path(path) / shard
         if not file.is_file():
             raise QpeftError(f"checkpoint {path} is missing {shard}")
-        with safe_open(str(file), framework="pt", device=device) as handle:
-            yield shard, {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        try:
+            with safe_open(str(file), framework="pt", device=device) as handle:
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise QpeftError(f"checkpoint {path}: {shard} cannot be read ({exc})") from exc
+        if digests is not None:
+            for key, tensor in tensors.items():
+                if digests.get(key) != tensor_sha256(tensor):
+                    raise QpeftError(f"checkpoint {path}: {shard} is corrupt: tensor {key} does not match its checksum")
+        yield shard, tensors

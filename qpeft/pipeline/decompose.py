@@ -487,7 +487,7 @@ def decompose_model(
                 "seconds": round(time.perf_counter() - started, 2),
             },
         }
-        write_manifest(tmp, manifest)  # last: a directory without it is not a checkpoint
+        write_manifest(tmp, manifest, writer)  # last: a directory without it is not a checkpoint
     shutil.rmtree(work, ignore_errors=True)
     return manifest
 

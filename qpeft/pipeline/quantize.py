@@ -88,5 +88,5 @@ def quantize_model(
                 "seconds": round(time.perf_counter() - start, 2),
             },
         }
-        write_manifest(tmp, manifest)  # last: a directory without it is not a checkpoint
+        write_manifest(tmp, manifest, writer)  # last: a directory without it is not a checkpoint
     return manifest

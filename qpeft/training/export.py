@@ -50,7 +50,5 @@ def save_trained(model: nn.Module, base: Path, out: Path, training: dict[str, An
             "weight_map": writer.weight_map,
             "training": training | {"base": str(base), "written": time.strftime("%Y-%m-%dT%H:%M:%S")},
         }
-        manifest.pop("format", None)
-        manifest.pop("schema_version", None)
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest, writer)
     return manifest
