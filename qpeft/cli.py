@@ -146,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
 
+    exp = sub.add_parser(
+        "export",
+        help="write a checkpoint for transformers + bitsandbytes + peft (hf-bnb), merged, or as a peft adapter",
+    )
+    exp.add_argument("checkpoint", type=Path, help="a qpeft checkpoint directory")
+    exp.add_argument("--to", required=True, choices=["hf-bnb", "merged", "peft"], help="export format")
+    exp.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
+    exp.add_argument("--rank", type=int, default=None, help="compress adapters to this rank (LoRA-form exports)")
+    exp.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="merged weights / bnb compute dtype"
+    )
+
     ins = sub.add_parser("inspect", help="a qpeft checkpoint's manifest as a table (checks its files too)")
     ins.add_argument("checkpoint", type=Path, help="a qpeft checkpoint directory")
 
@@ -367,6 +379,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from qpeft.export.formats import REPORT_NAME, export_checkpoint
+    from qpeft.io.atomic import ensure_absent
+    from qpeft.io.checkpoint import is_checkpoint
+
+    if not is_checkpoint(args.checkpoint):
+        raise QpeftError(f"{args.checkpoint} is not a qpeft checkpoint (no qpeft_manifest.json)")
+    ensure_absent(args.out)
+    report = export_checkpoint(args.checkpoint, args.to, args.out, args.rank, args.dtype)
+    for key, label in (("requantized_rel_error", "re-quantized to NF4"), ("adapter_rel_error", "adapter as LoRA")):
+        errors = report.get(key) or {}
+        changed = {k: v for k, v in errors.items() if v > 0}
+        if changed:
+            worst = max(changed, key=changed.get)
+            print(f"{label}: {len(changed)} matrices, relative error up to {changed[worst]:.4f} ({worst})")
+    size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    print(f"wrote {args.out} ({args.to}, {size / 2**20:.1f} MiB); per-matrix errors in {args.out / REPORT_NAME}")
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from qpeft.io.checkpoint import is_checkpoint, read_manifest
     from qpeft.pipeline.decompose import format_type_table, type_table
@@ -416,6 +447,7 @@ COMMANDS = {
     "calibrate": cmd_calibrate,
     "decompose": cmd_decompose,
     "eval": cmd_eval,
+    "export": cmd_export,
     "inspect": cmd_inspect,
     "train": cmd_train,
 }

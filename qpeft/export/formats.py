@@ -1,0 +1,190 @@
+"""`qpeft export DIR --to FORMAT --out OUT`: a qpeft checkpoint for tools without qpeft.
+
+* `hf-bnb`: OUT/model, a transformers directory whose config.json has a bitsandbytes
+  4-bit NF4 `quantization_config` and whose quantized matrices are bitsandbytes'
+  serialized NF4 state (`AutoModelForCausalLM.from_pretrained(OUT/model)` loads it), and
+  OUT/adapter, the adapters as a peft LoRA directory (`PeftModel.from_pretrained`).
+  Matrices under a config other than NF4 / blocks of 64 / 8-bit double-quantized
+  scales (`nf4`) are re-quantized to it from their dequantized values; the extra
+  error ‖deq(Q) − deq(Q_nf4)‖ / ‖deq(Q)‖ is reported per matrix.
+* `merged`: OUT, a plain transformers model with W = deq(Q) + ΔW in `--dtype`.
+* `peft`: OUT, the adapters alone as a peft LoRA directory, for a base the user holds.
+
+`--rank R` compresses every adapter to rank ≤ R for the LoRA-form exports (a QWHA
+adapter needs it: it has no factors); the error is reported. Every export is written
+atomically (a killed export leaves no directory at OUT) with a report,
+OUT/qpeft_export.json. Matrices are converted one at a time into shards.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qpeft.errors import QpeftError
+from qpeft.export.lora import LoraFactors, lora_factors, write_peft_adapter
+from qpeft.io.atomic import atomic_directory
+from qpeft.io.checkpoint import ShardWriter, read_manifest
+from qpeft.models.resolve import copy_model_files
+from qpeft.modules import QuantLinear
+from qpeft.quant import PRESETS, QuantizedTensor, dequantize, quantize
+from qpeft.quant.blockwise import TORCH_DTYPES
+
+REPORT_NAME = "qpeft_export.json"
+NF4 = PRESETS["nf4"]  # bitsandbytes' NF4 with double quantization
+
+
+def _layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _relative(diff: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(torch.linalg.norm(diff)) / (float(torch.linalg.norm(reference)) or 1.0)
+
+
+def _adapters(model: nn.Module, rank: int | None) -> tuple[dict[str, LoraFactors], dict[str, float]]:
+    factors = {}
+    for name, layer in _layers(model).items():
+        if layer.adapter is not None:
+            factors[name] = lora_factors(layer.adapter, rank)
+    return factors, {name: f.rel_error for name, f in factors.items()}
+
+
+def _unquantized(model: nn.Module, src: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors other than the quantized layers' (tied ones once)."""
+    skip = tuple(f"{name}." for name in _layers(model))
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if name.startswith(skip) or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor
+    return tensors
+
+
+def bnb_state(qt: QuantizedTensor, compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """bitsandbytes' serialized NF4 state of an `nf4` matrix (the tensors stored as
+    WEIGHT, WEIGHT.absmax, WEIGHT.quant_map, ...; keys here without 'WEIGHT.')."""
+    import bitsandbytes.functional as bnbf
+
+    from qpeft.quant.codebooks import dynamic_codebook, nf_codebook
+    from qpeft.quant.config import storage_layout
+
+    numel = qt.shape[0] * qt.shape[1]
+    layout = storage_layout(qt.config, numel)
+    nested = bnbf.QuantState(
+        absmax=qt.scale_scales.float(), code=dynamic_codebook(), blocksize=256, dtype=torch.float32
+    )
+    state = bnbf.QuantState(
+        absmax=qt.scales[: layout.num_blocks],
+        shape=torch.Size(qt.shape),
+        code=nf_codebook(4),
+        blocksize=64,
+        quant_type="nf4",
+        dtype=compute_dtype,
+        offset=qt.scale_offset.float().reshape(()),
+        state2=nested,
+    )
+    packed = qt.codes[: (numel + 1) // 2].reshape(-1, 1)
+    # the codebooks are cached tensors shared by every matrix: each gets its own copy
+    return {"": packed, **{f".{k}": v.clone() for k, v in state.as_dict(packed=True).items()}}
+
+
+def export_hf_bnb(model, manifest, src: Path, out: Path, rank: int | None, dtype: torch.dtype) -> dict[str, Any]:
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    factors, adapter_errors = _adapters(model, rank)
+    requantized: dict[str, float] = {}
+    base = out / "model"
+    base.mkdir()
+    copy_model_files(src, base)
+    (base / "qpeft_manifest.json").unlink(missing_ok=True)
+    (base / "cost_table.json").unlink(missing_ok=True)
+    writer = ShardWriter(base)
+    for name, tensor in _unquantized(model, src).items():
+        writer.add(name, tensor)
+    for name, layer in _layers(model).items():
+        qt = layer.quantized
+        if qt.config != NF4:
+            weight = dequantize(qt)
+            qt = quantize(weight, NF4)
+            requantized[name] = _relative(weight - dequantize(qt), weight)
+        for suffix, tensor in bnb_state(qt, dtype).items():
+            writer.add(f"{name}.weight{suffix}", tensor)
+        if layer.bias is not None:
+            writer.add(f"{name}.bias", layer.bias)
+    writer.flush()
+    index = {"metadata": {}, "weight_map": writer.weight_map}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    config = AutoConfig.from_pretrained(base)
+    quantized = set(_layers(model))
+    skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+    config.quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=skip or None,
+    ).to_dict()
+    config.save_pretrained(base)
+    if factors:
+        write_peft_adapter(out / "adapter", factors, str(base))
+    return {"requantized_rel_error": requantized, "adapter_rel_error": adapter_errors}
+
+
+def export_merged(model, manifest, src: Path, out: Path, rank: int | None, dtype: torch.dtype) -> dict[str, Any]:
+    copy_model_files(src, out)
+    (out / "qpeft_manifest.json").unlink(missing_ok=True)
+    (out / "cost_table.json").unlink(missing_ok=True)
+    writer = ShardWriter(out)
+    for name, tensor in _unquantized(model, src).items():
+        writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    for name, layer in _layers(model).items():
+        weight = layer.dequantized_weight(torch.float32)
+        if layer.adapter is not None:
+            weight += layer.adapter.delta_weight(torch.float32).detach()
+        writer.add(f"{name}.weight", weight.to(dtype))
+        if layer.bias is not None:
+            writer.add(f"{name}.bias", layer.bias.to(dtype))
+    writer.flush()
+    index = {"metadata": {}, "weight_map": writer.weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    config = json.loads((out / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
+        dtype, "float32"
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return {}
+
+
+def export_peft(model, manifest, src: Path, out: Path, rank: int | None, dtype: torch.dtype) -> dict[str, Any]:
+    factors, adapter_errors = _adapters(model, rank)
+    base = manifest.get("base_model", {})
+    write_peft_adapter(out, factors, base.get("source") or base.get("path") or str(src))
+    return {"adapter_rel_error": adapter_errors}
+
+
+EXPORTERS = {"hf-bnb": export_hf_bnb, "merged": export_merged, "peft": export_peft}
+
+
+def export_checkpoint(src: Path, to: str, out: Path, rank: int | None = None, dtype: str = "bf16") -> dict[str, Any]:
+    """Export the qpeft checkpoint `src` to `out` as `to`; returns the report."""
+    from qpeft.models.loading import load_checkpoint
+
+    if to not in EXPORTERS:
+        raise QpeftError(f"unknown export format {to!r} (choose from {', '.join(EXPORTERS)})")
+    if rank is not None and rank <= 0:
+        raise QpeftError(f"--rank must be positive, got {rank}")
+    manifest = read_manifest(src)
+    model = load_checkpoint(src)
+    torch_dtype = TORCH_DTYPES[dtype]
+    with atomic_directory(out) as tmp:
+        report = EXPORTERS[to](model, manifest, src, tmp, rank, torch_dtype)
+        report = {"source": str(src), "format": to, "rank": rank, "dtype": dtype, **report}
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+    return report
