@@ -129,3 +129,10 @@ def test_a_failed_export_leaves_no_directory(lora_checkpoint, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(QpeftError, match="unknown export format 'gguf'"):
         export_checkpoint(lora_checkpoint, "gguf", tmp_path / "out")
+
+
+def test_a_saved_checkpoint_reloads_to_identical_logits(lora_checkpoint, tmp_path):
+    """qpeft checkpoint → load → save → load: the same logits, bit for bit."""
+    model = load_checkpoint(lora_checkpoint)
+    save_trained(model, lora_checkpoint, tmp_path / "again", {"step": 0, "tokens": 0})
+    assert torch.equal(_logits(load_checkpoint(tmp_path / "again")), _logits(model))
