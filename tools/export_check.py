@@ -30,6 +30,32 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids.unsqueeze(0)).logits[0].float()
 
 
+def bnb_weights_in_fp32(model, ours) -> str:
+    """Replace each Linear4bit's forward by an fp32 matmul with the weight bitsandbytes
+    dequantizes; return how many of those weights equal qpeft's bit for bit."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    same = total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):  # not peft's wrapper of the same name
+            weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            qpeft_name = name.removeprefix("base_model.model.").removesuffix(".base_layer")  # inside peft
+            same += int(torch.equal(weight, ours.get_submodule(qpeft_name).dequantized_weight()))
+            total += 1
+            module.forward = lambda x, weight=weight: torch.nn.functional.linear(x, weight)
+    return f"{same}/{total} bnb weights bit-identical,"
+
+
+def hf_bnb_model(hf: Path):
+    """The hf-bnb export loaded with plain transformers + bitsandbytes (+ peft)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf / "model")
+    return PeftModel.from_pretrained(model, hf / "adapter") if (hf / "adapter").is_dir() else model
+
+
 def size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -39,7 +65,6 @@ def main() -> None:
     parser.add_argument("checkpoints", type=Path, nargs="+")
     parser.add_argument("--tokens", type=int, default=512)
     args = parser.parse_args()
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def row(label: str, kind: str, path: Path, diff: float | None = None, note: str = "", bits: str = "") -> None:
@@ -63,14 +88,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             hf = Path(tmp) / "hf"
             report = export_checkpoint(ckpt, "hf-bnb", hf, dtype="fp32")
-            model = AutoModelForCausalLM.from_pretrained(hf / "model")
-            if (hf / "adapter").is_dir():
-                model = PeftModel.from_pretrained(model, hf / "adapter")
+
             requant = report["requantized_rel_error"]
             note = "all NF4, stored as they are"
             if requant:
                 note = f"{len(requant)} matrices re-quantized to NF4, rel. error up to {max(requant.values()):.4f}"
-            row("", "hf-bnb", hf, relative(logits(model, ids)), note)
+            row("", "hf-bnb", hf, relative(logits(hf_bnb_model(hf), ids)), note)
+            if not requant:  # bitsandbytes' own dequantization in a plain fp32 matmul, before any forward
+                model = hf_bnb_model(hf)  # (a CPU inference forward repacks bitsandbytes' weights)
+                same = bnb_weights_in_fp32(model, load_checkpoint(ckpt))
+                row("", "hf-bnb", hf, relative(logits(model, ids)), f"{same} with its weights in an fp32 matmul")
             merged = Path(tmp) / "merged"
             export_checkpoint(ckpt, "merged", merged, dtype="fp32")
             row("", "merged", merged, relative(logits(AutoModelForCausalLM.from_pretrained(merged), ids)), "fp32")
