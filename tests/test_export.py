@@ -50,7 +50,7 @@ def test_hf_bnb_loads_in_transformers_and_peft(lora_checkpoint, tmp_path):
     report = export_checkpoint(lora_checkpoint, "hf-bnb", tmp_path / "hf", dtype="fp32")
     assert report["requantized_rel_error"] == {} and set(report["adapter_rel_error"].values()) == {0.0}
     ours = load_checkpoint(lora_checkpoint)
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "model")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     name = "model.layers.1.mlp.down_proj"
     layer = base.get_submodule(name)
     assert type(layer).__name__ == "Linear4bit"
@@ -89,7 +89,7 @@ def test_mixed_configs_are_requantized_with_their_error_reported(tiny_model_dir,
     assert others and set(report["requantized_rel_error"]) == others
     assert all(0 < e < 1 for e in report["requantized_rel_error"].values())
     assert "re-quantized to NF4" in stdout
-    AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "model")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
 
 
 def test_qwha_needs_a_rank_and_lora_compression_reports_its_error(
@@ -109,7 +109,7 @@ def test_qwha_needs_a_rank_and_lora_compression_reports_its_error(
     assert not (tmp_path / "p").exists()
     report = export_checkpoint(tmp_path / "qwha", "hf-bnb", tmp_path / "hf", rank=4)
     assert all(0 < e < 1 for e in report["adapter_rel_error"].values())
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "model")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     PeftModel.from_pretrained(base, tmp_path / "hf" / "adapter")
     # LoRA-Squeeze of a rank-4 LoRA to rank 2: the error is that of the discarded singular values
     squeezed = export_checkpoint(lora_checkpoint, "peft", tmp_path / "squeezed", rank=2)

@@ -52,7 +52,7 @@ def hf_bnb_model(hf: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf / "model")
+    model = AutoModelForCausalLM.from_pretrained(hf)
     return PeftModel.from_pretrained(model, hf / "adapter") if (hf / "adapter").is_dir() else model
 
 

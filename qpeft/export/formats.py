@@ -1,8 +1,8 @@
 """`qpeft export DIR --to FORMAT --out OUT`: a qpeft checkpoint for tools without qpeft.
 
-* `hf-bnb`: OUT/model, a transformers directory whose config.json has a bitsandbytes
+* `hf-bnb`: OUT, a transformers directory whose config.json has a bitsandbytes
   4-bit NF4 `quantization_config` and whose quantized matrices are bitsandbytes'
-  serialized NF4 state (`AutoModelForCausalLM.from_pretrained(OUT/model)` loads it), and
+  serialized NF4 state (`AutoModelForCausalLM.from_pretrained(OUT)` loads it), and
   OUT/adapter, the adapters as a peft LoRA directory (`PeftModel.from_pretrained`).
   Matrices under a config other than NF4 / blocks of 64 / 8-bit double-quantized
   scales (`nf4`) are re-quantized to it from their dequantized values; the extra
@@ -94,17 +94,17 @@ def bnb_state(qt: QuantizedTensor, compute_dtype: torch.dtype) -> dict[str, torc
     return {"": packed, **{f".{k}": v.clone() for k, v in state.as_dict(packed=True).items()}}
 
 
-def export_hf_bnb(model, manifest, src: Path, out: Path, rank: int | None, dtype: torch.dtype) -> dict[str, Any]:
+def export_hf_bnb(
+    model, manifest, src: Path, out: Path, final: Path, rank: int | None, dtype: torch.dtype
+) -> dict[str, Any]:
     from transformers import AutoConfig, BitsAndBytesConfig
 
     factors, adapter_errors = _adapters(model, rank)
     requantized: dict[str, float] = {}
-    base = out / "model"
-    base.mkdir()
-    copy_model_files(src, base)
-    (base / "qpeft_manifest.json").unlink(missing_ok=True)
-    (base / "cost_table.json").unlink(missing_ok=True)
-    writer = ShardWriter(base)
+    copy_model_files(src, out)
+    (out / "qpeft_manifest.json").unlink(missing_ok=True)
+    (out / "cost_table.json").unlink(missing_ok=True)
+    writer = ShardWriter(out)
     for name, tensor in _unquantized(model, src).items():
         writer.add(name, tensor)
     for name, layer in _layers(model).items():
@@ -119,8 +119,8 @@ def export_hf_bnb(model, manifest, src: Path, out: Path, rank: int | None, dtype
             writer.add(f"{name}.bias", layer.bias)
     writer.flush()
     index = {"metadata": {}, "weight_map": writer.weight_map}
-    (base / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    config = AutoConfig.from_pretrained(base)
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    config = AutoConfig.from_pretrained(out)
     quantized = set(_layers(model))
     skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     config.quantization_config = BitsAndBytesConfig(
@@ -131,13 +131,15 @@ def export_hf_bnb(model, manifest, src: Path, out: Path, rank: int | None, dtype
         bnb_4bit_quant_storage=torch.uint8,
         llm_int8_skip_modules=skip or None,
     ).to_dict()
-    config.save_pretrained(base)
+    config.save_pretrained(out)
     if factors:
-        write_peft_adapter(out / "adapter", factors, str(base))
+        write_peft_adapter(out / "adapter", factors, str(final))  # its base: the exported model
     return {"requantized_rel_error": requantized, "adapter_rel_error": adapter_errors}
 
 
-def export_merged(model, manifest, src: Path, out: Path, rank: int | None, dtype: torch.dtype) -> dict[str, Any]:
+def export_merged(
+    model, manifest, src: Path, out: Path, final: Path, rank: int | None, dtype: torch.dtype
+) -> dict[str, Any]:
     copy_model_files(src, out)
     (out / "qpeft_manifest.json").unlink(missing_ok=True)
     (out / "cost_table.json").unlink(missing_ok=True)
@@ -162,7 +164,9 @@ def export_merged(model, manifest, src: Path, out: Path, rank: int | None, dtype
     return {}
 
 
-def export_peft(model, manifest, src: Path, out: Path, rank: int | None, dtype: torch.dtype) -> dict[str, Any]:
+def export_peft(
+    model, manifest, src: Path, out: Path, final: Path, rank: int | None, dtype: torch.dtype
+) -> dict[str, Any]:
     factors, adapter_errors = _adapters(model, rank)
     base = manifest.get("base_model", {})
     write_peft_adapter(out, factors, base.get("source") or base.get("path") or str(src))
@@ -184,7 +188,7 @@ def export_checkpoint(src: Path, to: str, out: Path, rank: int | None = None, dt
     model = load_checkpoint(src)
     torch_dtype = TORCH_DTYPES[dtype]
     with atomic_directory(out) as tmp:
-        report = EXPORTERS[to](model, manifest, src, tmp, rank, torch_dtype)
+        report = EXPORTERS[to](model, manifest, src, tmp, Path(out).resolve(), rank, torch_dtype)
         report = {"source": str(src), "format": to, "rank": rank, "dtype": dtype, **report}
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     return report
