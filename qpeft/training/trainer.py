@@ -140,12 +140,14 @@ def plot_losses(log_path: Path, out: Path) -> None:
         ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
+    handles = ax.get_lines()
     if evals:
         twin = ax.twinx()
         twin.plot(*zip(*evals, strict=True), "o-", label="eval perplexity", color="tab:orange")
         twin.set_ylabel("eval perplexity")
+        handles = [*handles, *twin.get_lines()]
     ax.set_title(f"{out.parent.name}: training")
-    fig.legend(loc="upper right")
+    ax.legend(handles, [h.get_label() for h in handles], loc="best")
     fig.tight_layout()
     with atomic_file(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
