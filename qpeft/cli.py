@@ -434,7 +434,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     state = train(recipe, resume=args.resume)
-    if state.get("main", True):
+    if state["main"]:
         ppl = f", eval perplexity {state['eval_ppl']:.4f}" if "eval_ppl" in state else ""
         print(
             f"trained {recipe.output_dir}: {state['step']} steps, {state['tokens']:,} tokens in "

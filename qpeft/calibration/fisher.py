@@ -128,11 +128,11 @@ def load_fisher(path: Path) -> FisherStats:
     """The statistics of a Fisher file; a full diagonal is read per matrix when used."""
     keys, metadata = load_tagged(path, METADATA_KEY, "Fisher file", lazy=True)
 
-    def stored(suffix: str) -> dict[str, str]:
-        return {k.removesuffix(suffix): k for k in keys if k.endswith(suffix)}
-
-    row, col = (dict(FileTensors(path, stored(suffix)).items()) for suffix in (".row_mean", ".col_mean"))
-    return FisherStats(row, col, metadata, FileTensors(path, stored(".element")))
+    small = FileTensors(path, {k: k for k in keys}).read(k for k in keys if not k.endswith(".element"))
+    row = {k.removesuffix(".row_mean"): v for k, v in small.items() if k.endswith(".row_mean")}
+    col = {k.removesuffix(".col_mean"): v for k, v in small.items() if k.endswith(".col_mean")}
+    element = {k.removesuffix(".element"): k for k in keys if k.endswith(".element")}
+    return FisherStats(row, col, metadata, FileTensors(path, element))
 
 
 def settings_key(settings: dict[str, Any]) -> str:

@@ -30,16 +30,13 @@ from qpeft.export.lora import LoraFactors, lora_factors, write_peft_adapter
 from qpeft.io.atomic import atomic_directory
 from qpeft.io.checkpoint import ShardWriter, read_manifest
 from qpeft.models.resolve import copy_model_files
-from qpeft.modules import QuantLinear
+from qpeft.models.weights import unshared_state
+from qpeft.modules import quantized_layers
 from qpeft.quant import PRESETS, QuantizedTensor, dequantize, quantize
 from qpeft.quant.blockwise import TORCH_DTYPES
 
 REPORT_NAME = "qpeft_export.json"
 NF4 = PRESETS["nf4"]  # bitsandbytes' NF4 with double quantization
-
-
-def _layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def _relative(diff: torch.Tensor, reference: torch.Tensor) -> float:
@@ -48,22 +45,31 @@ def _relative(diff: torch.Tensor, reference: torch.Tensor) -> float:
 
 def _adapters(model: nn.Module, rank: int | None) -> tuple[dict[str, LoraFactors], dict[str, float]]:
     factors = {}
-    for name, layer in _layers(model).items():
+    for name, layer in quantized_layers(model).items():
         if layer.adapter is not None:
             factors[name] = lora_factors(layer.adapter, rank)
     return factors, {name: f.rel_error for name, f in factors.items()}
 
 
-def _unquantized(model: nn.Module, src: Path) -> dict[str, torch.Tensor]:
-    """The model's tensors other than the quantized layers' (tied ones once)."""
-    skip = tuple(f"{name}." for name in _layers(model))
-    tensors, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        if name.startswith(skip) or tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[name] = tensor
-    return tensors
+def _start_transformers_dir(model: nn.Module, src: Path, out: Path, dtype: torch.dtype | None) -> ShardWriter:
+    """Config and tokenizer files in `out` (not qpeft's own), and a shard writer that
+    holds the model's tensors other than the quantized layers' (tied ones once;
+    floating ones cast to `dtype` unless None)."""
+    copy_model_files(src, out)
+    for name in ("qpeft_manifest.json", "cost_table.json"):
+        (out / name).unlink(missing_ok=True)
+    writer = ShardWriter(out)
+    skip = tuple(f"{name}." for name in quantized_layers(model))
+    for name, tensor in unshared_state(model).items():
+        if not name.startswith(skip):
+            writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+    return writer
+
+
+def _finish_transformers_dir(out: Path, writer: ShardWriter) -> None:
+    writer.flush()
+    index = {"metadata": {}, "weight_map": writer.weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
 def bnb_state(qt: QuantizedTensor, compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -101,13 +107,8 @@ def export_hf_bnb(
 
     factors, adapter_errors = _adapters(model, rank)
     requantized: dict[str, float] = {}
-    copy_model_files(src, out)
-    (out / "qpeft_manifest.json").unlink(missing_ok=True)
-    (out / "cost_table.json").unlink(missing_ok=True)
-    writer = ShardWriter(out)
-    for name, tensor in _unquantized(model, src).items():
-        writer.add(name, tensor)
-    for name, layer in _layers(model).items():
+    writer = _start_transformers_dir(model, src, out, None)
+    for name, layer in quantized_layers(model).items():
         qt = layer.quantized
         if qt.config != NF4:
             weight = dequantize(qt)
@@ -117,11 +118,9 @@ def export_hf_bnb(
             writer.add(f"{name}.weight{suffix}", tensor)
         if layer.bias is not None:
             writer.add(f"{name}.bias", layer.bias)
-    writer.flush()
-    index = {"metadata": {}, "weight_map": writer.weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    _finish_transformers_dir(out, writer)
     config = AutoConfig.from_pretrained(out)
-    quantized = set(_layers(model))
+    quantized = set(quantized_layers(model))
     skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     config.quantization_config = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -140,22 +139,15 @@ def export_hf_bnb(
 def export_merged(
     model, manifest, src: Path, out: Path, final: Path, rank: int | None, dtype: torch.dtype
 ) -> dict[str, Any]:
-    copy_model_files(src, out)
-    (out / "qpeft_manifest.json").unlink(missing_ok=True)
-    (out / "cost_table.json").unlink(missing_ok=True)
-    writer = ShardWriter(out)
-    for name, tensor in _unquantized(model, src).items():
-        writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-    for name, layer in _layers(model).items():
+    writer = _start_transformers_dir(model, src, out, dtype)
+    for name, layer in quantized_layers(model).items():
         weight = layer.dequantized_weight(torch.float32)
         if layer.adapter is not None:
             weight += layer.adapter.delta_weight(torch.float32).detach()
         writer.add(f"{name}.weight", weight.to(dtype))
         if layer.bias is not None:
             writer.add(f"{name}.bias", layer.bias.to(dtype))
-    writer.flush()
-    index = {"metadata": {}, "weight_map": writer.weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    _finish_transformers_dir(out, writer)
     config = json.loads((out / "config.json").read_text())
     config["torch_dtype"] = config["dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
         dtype, "float32"

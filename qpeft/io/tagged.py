@@ -5,7 +5,7 @@ with one-line errors that say which kind of file was expected."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,12 @@ class FileTensors(Mapping[str, torch.Tensor]):
         self.path, self.stored = Path(path), stored
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read([name])[name]
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Several tensors, the file opened once."""
         with safe_open(str(self.path), framework="pt") as handle:
-            return handle.get_tensor(self.stored[name])
+            return {name: handle.get_tensor(self.stored[name]) for name in names}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.stored)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory
+from qpeft.models.weights import unshared_state
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -97,23 +98,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         del model.config.quantization_config
     with atomic_directory(target) as tmp:
         # not model.save_pretrained: under torch.distributed it writes weights on rank 0 only
-        save_file(_unshared_state(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        save_file(unshared_state(model), tmp / "model.safetensors", metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "qpeft_source.json").write_text(json.dumps({"gguf": str(gguf), "name": gguf.name}, indent=2))
-
-
-def _unshared_state(model) -> dict:
-    """The state dict with each tied tensor once, under its first name (the input
-    embedding, not lm_head: where transformers looks for it)."""
-    seen, tensors = set(), {}
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            tensors[name] = tensor.contiguous()
-    return tensors
 
 
 def copy_model_files(source: Path, dest: Path) -> None:

@@ -8,8 +8,20 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from qpeft.errors import QpeftError
+
+
+def unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A model's state dict with each tied tensor once, under its first name (the
+    input embedding, not lm_head: where transformers looks for it), contiguous."""
+    seen, tensors = set(), {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.contiguous()
+    return tensors
 
 
 class SafetensorsWeights:

@@ -107,7 +107,8 @@ class QuantLinear(nn.Module):
         return dequantize(self.quantized, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        trainable = [] if self.adapter is None else [p for p in self.adapter.parameters() if p.requires_grad]
+        adapter_params = () if self.adapter is None or not torch.is_grad_enabled() else self.adapter.parameters()
+        trainable = [p for p in adapter_params if p.requires_grad]
         if torch.is_grad_enabled() and (x.requires_grad or trainable):
             # training: nothing d_out × d_in is kept for the backward
             merge = self.adapter is not None and self.adapter.merge_cheaper(x.numel() // x.shape[-1])
@@ -126,3 +127,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         sizes = f"in_features={self.in_features}, out_features={self.out_features}"
         return f"{sizes}, config={self.config.name}"
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """The model's QuantLinear layers by module name, in module order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
