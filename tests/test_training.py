@@ -216,3 +216,13 @@ def test_two_cpu_processes_train_and_resume(tiny_model_dir, train_text, tmp_path
         assert torch.equal(a[name], b[name]), name
     progress = json.loads((tmp_path / "a" / "state" / "progress.json").read_text())
     assert progress["step"] == 4 and progress["tokens"] == 4 * 2 * 2 * 32  # 2 processes × batch 2 × 32 tokens
+
+
+def test_a_base_made_by_another_recipe_is_not_reused(tiny_model_dir, train_text, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_text, tmp_path / "o", train={"steps": 1})
+    code, _, err = run(capsys, "train", recipe)
+    assert code == 0, err
+    before = (tmp_path / "o" / "base" / "qpeft_manifest.json").read_bytes()
+    code, _, err = run(capsys, "train", recipe, "--resume", "--set", "method.config=nf3", "--set", "train.steps=2")
+    assert_one_line_error(code, err, "was made by another recipe (qpeft quantize")
+    assert (tmp_path / "o" / "base" / "qpeft_manifest.json").read_bytes() == before

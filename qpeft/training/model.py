@@ -9,6 +9,7 @@ is from `method.checkpoint`. QLoRA puts a fresh LoRA on every quantized matrix
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,9 +17,9 @@ from torch import nn
 
 from qpeft.errors import QpeftError
 from qpeft.io.checkpoint import is_checkpoint
-from qpeft.modules import QuantLinear
+from qpeft.modules import quantized_layers
 from qpeft.modules.adapters import LowRankAdapter
-from qpeft.training.recipe import Recipe
+from qpeft.training.recipe import MethodSection, Recipe
 
 BASE_DIR = "base"
 
@@ -44,6 +45,21 @@ def base_dir(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / BASE_DIR
 
 
+def check_base_matches(recipe: Recipe, previous: Path) -> None:
+    """A base left in OUTPUT_DIR by an earlier run (its recipe: `previous`) is reused
+    only if this recipe would make the same one."""
+    base = base_dir(recipe)
+    if recipe.method.name == "checkpoint" or not is_checkpoint(base) or not previous.is_file():
+        return
+    body = json.loads(previous.read_text())
+    earlier = Recipe(model=body["model"], method=MethodSection(**body["method"]))
+    if base_command(earlier, base) != base_command(recipe, base):
+        raise QpeftError(
+            f"{base} was made by another recipe (qpeft {' '.join(base_command(earlier, base))}; see {previous}): "
+            "choose another output_dir, or remove it"
+        )
+
+
 def build_base(recipe: Recipe) -> None:
     """Make the base checkpoint with `qpeft quantize` / `qpeft decompose`. Under
     torch.distributed every process of a decomposition calls this (the cost table is
@@ -53,10 +69,6 @@ def build_base(recipe: Recipe) -> None:
     argv = base_command(recipe, base_dir(recipe))
     if main(argv) != 0:
         raise QpeftError(f"making the base checkpoint failed: qpeft {' '.join(argv)}")
-
-
-def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> None:

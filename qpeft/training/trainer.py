@@ -30,12 +30,20 @@ from qpeft.io.atomic import atomic_directory, atomic_file
 from qpeft.io.checkpoint import is_checkpoint
 from qpeft.training.data import collate, load_examples, load_text
 from qpeft.training.export import save_trained
-from qpeft.training.model import add_lora, base_dir, build_base, freeze_all_but_adapters, trainable_state
+from qpeft.training.model import (
+    add_lora,
+    base_dir,
+    build_base,
+    check_base_matches,
+    freeze_all_but_adapters,
+    trainable_state,
+)
 from qpeft.training.recipe import Recipe
 
 STATE_DIR = "state"
 MODEL_DIR = "model"  # the trained model as a qpeft checkpoint
 LOG_NAME = "log.jsonl"
+RECIPE_NAME = "recipe.json"  # the recipe of the run that made OUTPUT_DIR
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -189,6 +197,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     if main:
         out.mkdir(parents=True, exist_ok=True)
     base = base_dir(recipe)
+    check_base_matches(recipe, out / RECIPE_NAME)
     if not is_checkpoint(base):
         decomposition = recipe.method.name in ("lqlora", "qwha")
         if main or (decomposition and accelerator.num_processes > 1):
@@ -214,7 +223,6 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         model.config.use_cache = False
 
     world = accelerator.num_processes
-    per_step = t.batch_size * t.grad_accum * world  # sequences per optimizer step
     batches_per_epoch = len(examples) // (t.batch_size * world)
     if batches_per_epoch == 0:
         raise QpeftError(
@@ -235,7 +243,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         tracker = SummaryWriter(str(out / "tensorboard"))
         if not resume:
             log.write_text("")
-            (out / "recipe.json").write_text(json.dumps(recipe.as_dict(), indent=1))
+            (out / RECIPE_NAME).write_text(json.dumps(recipe.as_dict(), indent=1))
 
     def record(row: dict[str, Any]) -> None:
         if not main:
@@ -255,8 +263,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     started, window_loss, window_micro = time.perf_counter() - state["seconds"], 0.0, 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     while state["step"] < total:
-        micro_per_epoch = batches_per_epoch
-        epoch, position = divmod(state["micro"], micro_per_epoch)
+        epoch, position = divmod(state["micro"], batches_per_epoch)
         order = _epoch_order(len(examples), recipe.seed, epoch)
         start = (position * world + accelerator.process_index) * t.batch_size
         indices = order[start : start + t.batch_size]
@@ -271,7 +278,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
                 scheduler.step()
             optimizer.zero_grad()
         state["micro"] += 1
-        state["tokens"] += int(batch["attention_mask"].sum()) * world
+        state["tokens"] += int(accelerator.reduce(batch["attention_mask"].sum(), "sum"))  # every process's
         window_loss += float(loss.detach())
         window_micro += 1
         if not accelerator.sync_gradients:
@@ -305,4 +312,4 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         shutil.rmtree(final, ignore_errors=True)  # a resumed run that had already finished writes it again
         training = {"recipe": recipe.as_dict(), **{k: state[k] for k in state if k != "main"}}
         save_trained(accelerator.unwrap_model(model), base, final, training)
-    return {**state, "sequences_per_step": per_step, "main": main}
+    return {**state, "main": main}
