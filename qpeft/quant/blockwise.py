@@ -271,9 +271,9 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: i
     for start, end in _chunks(layout.num_blocks, config.block_size, chunk):
         lo, hi = start * config.block_size, end * config.block_size
         packed = qt.codes[_byte_range(start, end, config)]
-        # one gather per byte from a (256, codes-per-byte) table; int32 indices avoid an int64 copy
+        # one gather per byte from a 256-entry table; int32 indices avoid an int64 copy
         if lut is not None:
-            values = lut.index_select(0, packed.to(torch.int32)).reshape(-1, config.block_size)
+            values = lut.index_select(0, packed.to(torch.int32)).view(torch.float32).view(-1, config.block_size)
         else:
             values = codebook.index_select(0, unpack_codes(packed, config.bits).to(torch.int32))
             values = values.reshape(-1, config.block_size)
