@@ -13,7 +13,8 @@ import torch
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 from qpeft.quant import PRESETS, dequantize, dequantize_scales, dynamic_codebook, quantize  # noqa: E402
-from qpeft.quant.bnb_format import from_bnb  # noqa: E402
+from qpeft.quant import bnb_format  # noqa: E402
+from qpeft.quant.bnb_format import bnb_dequantize, from_bnb  # noqa: E402
 
 
 def _bnb(weight):
@@ -27,7 +28,7 @@ def _check_parity(weight):
     # 1. NF4 codes: byte for byte
     assert torch.equal(qt.codes[: packed.numel()], packed.reshape(-1))
     # 2. qpeft's dequantizer on bitsandbytes' state: bit for bit
-    assert torch.equal(dequantize(from_bnb(packed, state), dtype=weight.dtype), bnb_deq)
+    assert torch.equal(dequantize(from_bnb(packed, state), dtype=weight.dtype, use_bnb=False), bnb_deq)
     # 3. the same storage: as many scale codes, second-level scales, and code bytes
     assert qt.scales.numel() == state.absmax.numel()
     assert qt.scale_scales.numel() == state.state2.absmax.numel()
@@ -99,3 +100,32 @@ def test_parity_real_weights():
             _check_parity(torch.from_numpy(values.copy()).float())
             checked += 1
     assert checked == len(wanted)
+
+
+@pytest.mark.parametrize("shape", [(576, 1536), (7, 10), (3, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bnb_kernels_dequantize_bit_for_bit(shape, dtype):
+    qt = quantize(torch.randn(shape, generator=torch.Generator().manual_seed(1)), PRESETS["nf4"])
+    fast = bnb_dequantize(qt, dtype)
+    assert fast is not None  # bitsandbytes is installed here: its kernels must be taken
+    assert torch.equal(fast, dequantize(qt, dtype, use_bnb=False))
+    assert torch.equal(dequantize(qt, dtype), fast)
+
+
+@pytest.mark.parametrize("config", ["nf4-b64-fp32", "nf3", "nf4-b32-s8x256-fp32"])
+def test_bnb_kernels_only_for_its_own_format(config):
+    from qpeft.quant import parse_config
+
+    qt = quantize(torch.randn(16, 64), parse_config(config))
+    assert bnb_dequantize(qt, torch.float32) is None
+
+
+def test_bnb_kernels_skip_odd_rows_and_can_be_turned_off(monkeypatch):
+    assert bnb_dequantize(quantize(torch.randn(6, 37), PRESETS["nf4"]), torch.float32) is None
+    monkeypatch.setenv(bnb_format.DEQUANT_ENV, "torch")
+    bnb_format._bnb_kernels_on.cache_clear()
+    try:
+        assert bnb_dequantize(quantize(torch.randn(6, 64), PRESETS["nf4"]), torch.float32) is None
+    finally:
+        monkeypatch.delenv(bnb_format.DEQUANT_ENV)
+        bnb_format._bnb_kernels_on.cache_clear()
