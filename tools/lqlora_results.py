@@ -74,6 +74,7 @@ def main() -> None:
             if not ckpt.exists():
                 extra = ["--costs", first] if first is not None else []
                 extra += [] if fisher == "f" else ["--no-fisher"]
+                extra += ["--resume"] if Path(f"{ckpt}.work").is_dir() else []  # an interrupted cost table
                 nproc = 1 if first is not None else args.nproc  # a reused table needs no workers
                 sh("decompose", "smollm2", "--budget", budget, "--rank", rank, "--out", ckpt, *extra, nproc=nproc)
             first = first or ckpt
