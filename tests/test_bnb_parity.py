@@ -12,8 +12,14 @@ import torch
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
-from qpeft.quant import PRESETS, dequantize, dequantize_scales, dynamic_codebook, quantize  # noqa: E402
-from qpeft.quant import bnb_format  # noqa: E402
+from qpeft.quant import (  # noqa: E402
+    PRESETS,
+    bnb_format,
+    dequantize,
+    dequantize_scales,
+    dynamic_codebook,
+    quantize,
+)
 from qpeft.quant.bnb_format import bnb_dequantize, from_bnb  # noqa: E402
 
 
