@@ -64,7 +64,7 @@ def _bnb_kernels_on(device: str) -> bool:
 
         from qpeft.quant.blockwise import dequantize, quantize
 
-        probe = torch.linspace(-1.0, 1.0, 3 * 100, device=device).reshape(3, 100).sin()  # not whole blocks
+        probe = torch.linspace(-1.0, 1.0, 3 * 192, device=device).reshape(3, 192).sin()
         qt = quantize(probe, BNB_CONFIG)
         return all(
             torch.equal(_bnb_dequantize(qt, dtype), dequantize(qt, dtype, use_bnb=False))
@@ -89,11 +89,13 @@ def bnb_dequantize(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor | No
     """`dequantize(qt, dtype)` by bitsandbytes' compiled kernels (OpenMP on CPU, CUDA
     on GPU; 3x qpeft's torch ops for a 576x1536 NF4 matrix to bf16 on one CPU thread),
     bit for bit the same; None unless `qt` is stored in bitsandbytes' own format with
-    rows of even length and those kernels are there (and not turned off with
+    rows of whole blocks (every LLM matrix) and those kernels are there (and not turned off with
     QPEFT_DEQUANT=torch)."""
     if qt.config != BNB_CONFIG or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
-    if qt.shape[-1] % 2:  # its CPU kernel falls back to a torch.compile'd function for odd rows
+    if qt.shape[-1] % BNB_CONFIG.block_size:
+        # bitsandbytes 0.50's CPU kernel gets rows that are not whole blocks wrong
+        # (e.g. 64x32, 2x96), and falls back to a torch.compile'd function on odd rows
         return None
     if not _bnb_kernels_on(str(qt.codes.device)):
         return None
