@@ -12,6 +12,7 @@ import torch
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
+from qpeft.kernels import DEQUANT_ENV  # noqa: E402
 from qpeft.quant import (  # noqa: E402
     PRESETS,
     bnb_format,
@@ -135,10 +136,10 @@ def test_bnb_kernels_skip_rows_of_partial_blocks(shape):
 
 
 def test_bnb_kernels_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv(bnb_format.DEQUANT_ENV, "torch")
+    monkeypatch.setenv(DEQUANT_ENV, "torch")
     bnb_format._bnb_kernels_on.cache_clear()
     try:
         assert bnb_dequantize(quantize(torch.randn(6, 64), PRESETS["nf4"]), torch.float32) is None
     finally:
-        monkeypatch.delenv(bnb_format.DEQUANT_ENV)
+        monkeypatch.delenv(DEQUANT_ENV)
         bnb_format._bnb_kernels_on.cache_clear()

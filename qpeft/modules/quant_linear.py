@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qpeft.kernels import fused_dequant_matmul
 from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 from qpeft.quant.blockwise import PART_NAMES, part_specs
 
@@ -24,12 +25,17 @@ class _QuantMatmul(torch.autograd.Function):
     own ΔW(θ) to get ∂L/∂θ. Between a layer's forward and backward only the packed
     codes, the adapter's parameters and (when merged) the input are held.
     `params` are the adapter's trainable parameters (so that autograd routes their
-    gradients here); Q gets none."""
+    gradients here); Q gets none. Unmerged on CUDA, both products are the fused
+    dequantize-matmul kernel (`qpeft.kernels`): deq(Q) is never formed at all."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QuantLinear, merge: bool, *params: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
         ctx.layer, ctx.merge, ctx.dtype = layer, merge, dtype
+        fused = None if merge else fused_dequant_matmul(x.device)
+        ctx.fused = fused
+        if fused is not None:
+            return fused(x.to(dtype), layer.quantized)
         weight = layer.dequantized_weight(dtype)
         if merge:
             weight += layer.adapter.delta_weight(dtype)
@@ -41,6 +47,9 @@ class _QuantMatmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         layer, dtype = ctx.layer, ctx.dtype
         grad = grad.to(dtype)
+        if ctx.fused is not None:
+            grad_x = ctx.fused(grad, layer.quantized, transpose=True) if ctx.needs_input_grad[0] else None
+            return grad_x, None, None
         weight = layer.dequantized_weight(dtype)
         param_grads: tuple[torch.Tensor | None, ...] = ()
         if ctx.merge:
@@ -117,10 +126,16 @@ class QuantLinear(nn.Module):
                 y = y + self.adapter(x)
             return y if self.bias is None else y + self.bias
         dtype = compute_dtype(x)
+        merge = self.adapter is not None and self.adapter.merge_cheaper(x.numel() // x.shape[-1])
+        fused = None if merge else fused_dequant_matmul(x.device)
+        if fused is not None:
+            y = fused(x.to(dtype), self.quantized)
+            y = y if self.bias is None else y + self.bias.to(y.dtype)
+            return y if self.adapter is None else y + self.adapter(x)
         weight = self.dequantized_weight(dtype)
         if self.adapter is None:
             return F.linear(x, weight, self.bias)
-        if self.adapter.merge_cheaper(x.numel() // x.shape[-1]):
+        if merge:
             return F.linear(x, weight + self.adapter.delta_weight(dtype), self.bias)
         return F.linear(x, weight, self.bias) + self.adapter(x)
 

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
 
 from qpeft.errors import QpeftError
+from qpeft.kernels import dequant_choice
 from qpeft.quant.blockwise import QuantizedTensor
 from qpeft.quant.codebooks import dynamic_codebook
 from qpeft.quant.config import PRESETS, QuantConfig, storage_layout
 
-# `QPEFT_DEQUANT=torch` keeps every matrix on qpeft's own torch-ops dequantizer.
-DEQUANT_ENV = "QPEFT_DEQUANT"
 BNB_CONFIG = PRESETS["nf4"]  # NF4, blocks of 64, 8-bit dynamic-map scales per 256, fp32
 
 
@@ -54,7 +52,7 @@ def from_bnb(packed: torch.Tensor, quant_state) -> QuantizedTensor:
 def _bnb_kernels_on(device: str) -> bool:
     """Whether bitsandbytes' dequantize kernels run on `device` and give, on a probe
     matrix, exactly what qpeft's own dequantizer gives (checked once per device)."""
-    if os.environ.get(DEQUANT_ENV, "auto") == "torch":
+    if dequant_choice() == "torch":
         return False
     quiet = logging.getLogger("bitsandbytes")
     level = quiet.level
