@@ -7,7 +7,10 @@ the embedded SmolLM2-135M over an NF4 base with double-quantized scales (qpeft: 
 own packed NF4 and `QuantLinear`; peft: `BitsAndBytesConfig(load_in_4bit,
 bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant, bnb_4bit_compute_dtype)` and
 `get_peft_model`), on the same token batches, with AdamW and autocast in `--dtype`.
-Each library runs in a fresh child process (one after the other, never together) and
+qpeft runs twice: with its default kernels (bitsandbytes' compiled dequantizer for
+these NF4 matrices, `QPEFT_DEQUANT=auto`) and with its own torch-ops dequantizer
+(`QPEFT_DEQUANT=torch`, what every other quantization config uses).
+Each run is a fresh child process (one after the other, never together) and
 reports the median step time (forward + backward + optimizer step, after one warm-up
 step), its resident memory once the model is built, and the peak during the steps
 (sampled every 0.2 ms). The table gives qpeft / peft ratios (time: < 1 is faster).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -29,6 +33,8 @@ import torch
 from bench_quant import _rss_bytes, peak_rss_during
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# run name -> QPEFT_DEQUANT for its process
+RUNS = {"qpeft": "auto", "qpeft-torch": "torch", "peft": "auto"}
 
 
 def build_qpeft(model_dir: Path, base: Path, rank: int, alpha: float):
@@ -56,7 +62,7 @@ def build_peft(model_dir: Path, base: Path, rank: int, alpha: float, dtype: torc
 def worker(args: argparse.Namespace) -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     start_rss = _rss_bytes()
-    if args.worker == "qpeft":
+    if args.worker.startswith("qpeft"):
         model, params = build_qpeft(args.model_dir, args.base, args.rank, 2.0 * args.rank)
     else:
         model, params = build_peft(args.model_dir, args.base, args.rank, 2.0 * args.rank, dtype)
@@ -98,7 +104,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--worker", choices=["qpeft", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -114,21 +120,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "nf4"
         quantize_model(model_dir, base, PRESETS["nf4"])
-        for library in ("qpeft", "peft"):
+        for library, dequant in RUNS.items():
             argv = [sys.executable, __file__, "--worker", library, "--model-dir", model_dir, "--base", base]
             argv += ["--steps", args.steps, "--batch", args.batch, "--seqlen", args.seqlen, "--rank", args.rank]
             argv += ["--dtype", args.dtype]
-            done = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
+            env = {**os.environ, "QPEFT_DEQUANT": dequant}
+            done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 sys.exit(f"{library} worker failed:\n{done.stderr[-3000:]}")
             results[library] = json.loads(done.stdout.strip().splitlines()[-1])
-    q, p = results["qpeft"], results["peft"]
+    q, t, p = results["qpeft"], results["qpeft-torch"], results["peft"]
     print(
         f"SmolLM2-135M QLoRA (NF4 + DQ, LoRA r{args.rank} on 7 projections), batch {args.batch} x {args.seqlen}, "
         f"{args.dtype} autocast, AdamW, median of {args.steps} steps; torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     )
-    print(f"{'':<22} {'qpeft':>10} {'peft+bnb':>10} {'qpeft/peft':>11}")
+    print(f"{'':<22} {'qpeft':>10} {'qpeft-torch':>12} {'peft+bnb':>10} {'qpeft/peft':>11} {'torch/peft':>11}")
     for key, label in [
         ("step_s", "step (s)"),
         ("tokens_per_s", "tokens/s"),
@@ -136,7 +143,10 @@ def main() -> None:
         ("peak_mib", "peak in steps (MiB)"),
         ("trainable", "trainable params"),
     ]:
-        print(f"{label:<22} {q[key]:>10.1f} {p[key]:>10.1f} {q[key] / p[key]:>11.3f}")
+        print(
+            f"{label:<22} {q[key]:>10.1f} {t[key]:>12.1f} {p[key]:>10.1f} {q[key] / p[key]:>11.3f} "
+            f"{t[key] / p[key]:>11.3f}"
+        )
 
 
 if __name__ == "__main__":
