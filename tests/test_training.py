@@ -218,6 +218,24 @@ def test_two_cpu_processes_train_and_resume(tiny_model_dir, train_text, tmp_path
     assert progress["step"] == 4 and progress["tokens"] == 4 * 2 * 2 * 32  # 2 processes × batch 2 × 32 tokens
 
 
+@pytest.mark.slow
+def test_the_fsdp_config_on_cpus_trains_as_ddp_and_says_so(tiny_model_dir, train_text, tmp_path):
+    """recipes/accelerate/fsdp.yaml on a machine without GPUs: accelerate runs its processes as
+    DDP over gloo (FSDP is GPU-only there); they train together, and qpeft says so."""
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp.yaml"
+    text = config.read_text().replace("num_processes: 8", "num_processes: 2").replace("bf16", "'no'")
+    (tmp_path / "fsdp.yaml").write_text(text)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_text, tmp_path / "o", train={"steps": 2})
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml")]
+    launch += ["--main_process_port", str(_free_port()), "-m", "qpeft.cli", "train", str(recipe)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "note: FSDP needs GPUs; these 2 CPU processes train as DDP" in result.stderr
+    progress = json.loads((tmp_path / "o" / "state" / "progress.json").read_text())
+    assert progress["tokens"] == 2 * 2 * 2 * 32  # both processes' tokens: one job, not two
+
+
 def test_a_base_made_by_another_recipe_is_not_reused(tiny_model_dir, train_text, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_text, tmp_path / "o", train={"steps": 1})
     code, _, err = run(capsys, "train", recipe)

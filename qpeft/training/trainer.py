@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -174,7 +176,7 @@ def _evaluate(model, eval_ids: torch.Tensor, recipe: Recipe, device: torch.devic
 def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the recipe; returns the final progress record (step, losses, eval ppl)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from transformers import AutoTokenizer
 
     from qpeft.eval.perplexity import tokenize
@@ -194,6 +196,14 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     )
     set_seed(recipe.seed)
     main = accelerator.is_main_process
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if main and fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate turns FSDP on for GPUs only; on CPUs its processes run DDP
+        print(
+            f"note: FSDP needs GPUs; these {accelerator.num_processes} CPU processes train as DDP "
+            "(every process holds the whole model)",
+            file=sys.stderr,
+        )
     if main:
         out.mkdir(parents=True, exist_ok=True)
     base = base_dir(recipe)
