@@ -12,12 +12,17 @@ computed at its first budget and reused (`--costs`) for the others; finished
 checkpoints in WORKDIR are reused, so an interrupted run continues.
 
     python tools/qwha_results.py /tmp/qwha --ranks 8 --max-windows 20
+
+A checkpoint put into WORKDIR under the tool's name beforehand (e.g. a symbolic link to
+`tools/lqlora_results.py`'s LQ-LoRA checkpoint of the same budget and rank) is used as
+it is; its time column is then empty.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,15 +37,19 @@ QPEFT = [sys.executable, "-m", "qpeft.cli"]
 LABELS = {"quant": "quantized only", "lqlora": "LQ-LoRA r{}", "qwha": "QWHA r{}"}
 
 
-def sh(*argv: object) -> tuple[str, float]:
+def sh(*argv: object, nproc: int = 1) -> tuple[str, float]:
+    command, env = QPEFT, None
+    if nproc > 1:  # a cost table split over single-thread processes (1.5x faster on 2 cores)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "qpeft.cli"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    result = subprocess.run([*QPEFT, *map(str, argv)], capture_output=True, text=True)
+    result = subprocess.run([*command, *map(str, argv)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         sys.exit(f"failed: qpeft {' '.join(map(str, argv))}\n{result.stderr[-3000:]}")
     return result.stdout, time.perf_counter() - start
 
 
-def build(ckpt: Path, method: str, rank: int, target: str, costs: Path | None) -> float | None:
+def build(ckpt: Path, method: str, rank: int, target: str, costs: Path | None, nproc: int) -> float | None:
     """Make the checkpoint unless it exists; the command's wall seconds, or None."""
     if ckpt.exists():
         return None
@@ -49,7 +58,9 @@ def build(ckpt: Path, method: str, rank: int, target: str, costs: Path | None) -
         return sh("quantize", "smollm2", "--config", target, "--out", ckpt)[1]
     method_args = ["--method", "qwha"] if method == "qwha" else []
     extra = ["--costs", costs] if costs is not None and target[0].isdigit() else []
-    return sh("decompose", "smollm2", *method_args, *how, "--rank", rank, "--out", ckpt, *extra)[1]
+    extra += ["--resume"] if Path(f"{ckpt}.work").is_dir() else []  # an interrupted cost table
+    nproc = nproc if target[0].isdigit() and costs is None else 1  # only a new cost table is split
+    return sh("decompose", "smollm2", *method_args, *how, "--rank", rank, "--out", ckpt, *extra, nproc=nproc)[1]
 
 
 def main() -> None:
@@ -61,6 +72,7 @@ def main() -> None:
     parser.add_argument("--methods", default="quant,lqlora,qwha")
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--nproc", type=int, default=1, help="processes for each cost table (torchrun)")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -77,7 +89,7 @@ def main() -> None:
             costs = None
             for target in targets:
                 ckpt = work / f"{method}-r{rank}-{target}"
-                seconds = build(ckpt, "lqlora" if method == "quant" else method, rank, target, costs)
+                seconds = build(ckpt, "lqlora" if method == "quant" else method, rank, target, costs, args.nproc)
                 manifest = json.loads((ckpt / "qpeft_manifest.json").read_text())
                 if (ckpt / "cost_table.json").is_file():
                     costs = costs or ckpt
