@@ -15,23 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-QPEFT = [sys.executable, "-m", "qpeft.cli"]
+from qpeft_run import resume_flag, run_qpeft
 
 
 def sh(*argv: object, nproc: int = 1) -> str:
-    command, env = QPEFT, None
-    if nproc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "qpeft.cli"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*command, *map(str, argv)], capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        sys.exit(f"failed: qpeft {' '.join(map(str, argv))}\n{result.stderr[-3000:]}")
-    return result.stdout
+    return run_qpeft(*argv, nproc=nproc)[0]
 
 
 def evaluate(target: str | Path, args: argparse.Namespace) -> dict:
@@ -74,7 +65,7 @@ def main() -> None:
             if not ckpt.exists():
                 extra = ["--costs", first] if first is not None else []
                 extra += [] if fisher == "f" else ["--no-fisher"]
-                extra += ["--resume"] if Path(f"{ckpt}.work").is_dir() else []  # an interrupted cost table
+                extra += resume_flag(ckpt)
                 nproc = 1 if first is not None else args.nproc  # a reused table needs no workers
                 sh("decompose", "smollm2", "--budget", budget, "--rank", rank, "--out", ckpt, *extra, nproc=nproc)
             first = first or ckpt

@@ -22,31 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from qpeft_run import resume_flag, run_qpeft
 
 from qpeft.eval.output_error import output_errors
 from qpeft.models.resolve import resolve_model
 from qpeft.models.selection import DEFAULT_TARGETS
 from qpeft.pipeline.calibrate import calibrate_activations
 
-QPEFT = [sys.executable, "-m", "qpeft.cli"]
 LABELS = {"quant": "quantized only", "lqlora": "LQ-LoRA r{}", "qwha": "QWHA r{}"}
-
-
-def sh(*argv: object, nproc: int = 1) -> tuple[str, float]:
-    command, env = QPEFT, None
-    if nproc > 1:  # a cost table split over single-thread processes (1.5x faster on 2 cores)
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "qpeft.cli"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    result = subprocess.run([*command, *map(str, argv)], capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        sys.exit(f"failed: qpeft {' '.join(map(str, argv))}\n{result.stderr[-3000:]}")
-    return result.stdout, time.perf_counter() - start
 
 
 def build(ckpt: Path, method: str, rank: int, target: str, costs: Path | None, nproc: int) -> float | None:
@@ -55,12 +41,12 @@ def build(ckpt: Path, method: str, rank: int, target: str, costs: Path | None, n
         return None
     how = ["--budget", target] if target[0].isdigit() else ["--config", target]
     if method == "quant" and not target[0].isdigit():
-        return sh("quantize", "smollm2", "--config", target, "--out", ckpt)[1]
+        return run_qpeft("quantize", "smollm2", "--config", target, "--out", ckpt)[1]
     method_args = ["--method", "qwha"] if method == "qwha" else []
     extra = ["--costs", costs] if costs is not None and target[0].isdigit() else []
-    extra += ["--resume"] if Path(f"{ckpt}.work").is_dir() else []  # an interrupted cost table
+    extra += resume_flag(ckpt)
     nproc = nproc if target[0].isdigit() and costs is None else 1  # only a new cost table is split
-    return sh("decompose", "smollm2", *method_args, *how, "--rank", rank, "--out", ckpt, *extra, nproc=nproc)[1]
+    return run_qpeft("decompose", "smollm2", *method_args, *how, "--rank", rank, "--out", ckpt, *extra, nproc=nproc)[1]
 
 
 def main() -> None:
@@ -80,7 +66,7 @@ def main() -> None:
     grams, _ = calibrate_activations(model_dir, DEFAULT_TARGETS)
     # the Fisher too, so that no decompose below times a calibration
     if not (work / "fisher.safetensors").exists():
-        sh("calibrate", "smollm2", "--out", work / "fisher.safetensors")
+        run_qpeft("calibrate", "smollm2", "--out", work / "fisher.safetensors")
     window_args = ["--max-windows", args.max_windows] if args.max_windows else []
     rows = []
     targets = [t for t in [*args.configs.split(","), *args.budgets.split(",")] if t]
@@ -93,7 +79,7 @@ def main() -> None:
                 manifest = json.loads((ckpt / "qpeft_manifest.json").read_text())
                 if (ckpt / "cost_table.json").is_file():
                     costs = costs or ckpt
-                out, _ = sh("eval", ckpt, "--seqlen", args.seqlen, *window_args, "--json")
+                out, _ = run_qpeft("eval", ckpt, "--seqlen", args.seqlen, *window_args, "--json")
                 result = json.loads(out.strip().splitlines()[-1])
                 s = manifest["summary"]
                 row = {

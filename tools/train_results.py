@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+from qpeft_run import run_qpeft
 
-QPEFT = [sys.executable, "-m", "qpeft.cli"]
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 METHODS = {  # label → (recipe, base command or None when the recipe makes its own base)
     "QLoRA nf4 r8": ("smollm2-qlora-nf4.yaml", None),
@@ -32,10 +31,7 @@ METHODS = {  # label → (recipe, base command or None when the recipe makes its
 
 
 def sh(*argv: object) -> str:
-    result = subprocess.run([*QPEFT, *map(str, argv)], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"failed: qpeft {' '.join(map(str, argv))}\n{result.stderr[-3000:]}")
-    return result.stdout
+    return run_qpeft(*argv)[0]
 
 
 def evaluate(path: Path, args: argparse.Namespace) -> dict:
