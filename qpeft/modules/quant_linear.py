@@ -118,15 +118,14 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapter_params = () if self.adapter is None or not torch.is_grad_enabled() else self.adapter.parameters()
         trainable = [p for p in adapter_params if p.requires_grad]
+        merge = self.adapter is not None and self.adapter.merge_cheaper(x.numel() // x.shape[-1])
         if torch.is_grad_enabled() and (x.requires_grad or trainable):
             # training: nothing d_out × d_in is kept for the backward
-            merge = self.adapter is not None and self.adapter.merge_cheaper(x.numel() // x.shape[-1])
             y = _QuantMatmul.apply(x, self, merge, *(trainable if merge else []))
             if self.adapter is not None and not merge:
                 y = y + self.adapter(x)
             return y if self.bias is None else y + self.bias
         dtype = compute_dtype(x)
-        merge = self.adapter is not None and self.adapter.merge_cheaper(x.numel() // x.shape[-1])
         fused = None if merge else fused_dequant_matmul(x.device)
         if fused is not None:
             y = fused(x.to(dtype), self.quantized)

@@ -52,8 +52,6 @@ def from_bnb(packed: torch.Tensor, quant_state) -> QuantizedTensor:
 def _bnb_kernels_on(device: str) -> bool:
     """Whether bitsandbytes' dequantize kernels run on `device` and give, on a probe
     matrix, exactly what qpeft's own dequantizer gives (checked once per device)."""
-    if dequant_choice() == "torch":
-        return False
     quiet = logging.getLogger("bitsandbytes")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # its CPU backend warns about an optional package
@@ -90,6 +88,8 @@ def bnb_dequantize(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor | No
     rows of whole blocks (every LLM matrix) and those kernels are there (and not turned off with
     QPEFT_DEQUANT=torch)."""
     if qt.config != BNB_CONFIG or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if dequant_choice() == "torch":
         return None
     if qt.shape[-1] % BNB_CONFIG.block_size:
         # bitsandbytes 0.50's CPU kernel gets rows that are not whole blocks wrong
