@@ -83,7 +83,8 @@ def _bnb_dequantize(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
 
 def bnb_dequantize(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor | None:
     """`dequantize(qt, dtype)` by bitsandbytes' compiled kernels (OpenMP on CPU, CUDA
-    on GPU; 3x qpeft's torch ops for a 576x1536 NF4 matrix to bf16 on one CPU thread),
+    on GPU; 3x qpeft's torch ops for a 576x1536 NF4 matrix to bf16 on one CPU thread,
+    tools/bench_dequant.py),
     bit for bit the same; None unless `qt` is stored in bitsandbytes' own format with
     rows of whole blocks (every LLM matrix) and those kernels are there (and not turned off with
     QPEFT_DEQUANT=torch)."""

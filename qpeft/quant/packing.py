@@ -66,11 +66,9 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return lut[packed.to(torch.int64)].reshape(-1)
 
 
-# The element type that holds one byte's decoded fp32 values (8-, 4-, 2-bit codes).
-# Integers where they exist: two fp32 values read as a float64 are subnormal whenever
-# the second is 0.0, and a float64 gather slows down 14x on runs of them (sorted codes,
-# 442k bytes on one CPU thread: 3.06 vs 0.22 ms). complex128 (four values) does not
-# (measured with NF2's exact 0.0, sorted and random codes alike).
+# The element type that holds one byte's decoded fp32 values (8-, 4-, 2-bit codes):
+# integers where one is wide enough, since the entries are bit patterns, not numbers
+# (as fast as a float64 table: tools/bench_dequant.py); complex128 for four values.
 _BYTE_UNIT_DTYPE = {8: torch.int32, 4: torch.int64, 2: torch.complex128}
 
 
@@ -78,9 +76,9 @@ def decode_lut(codebook: torch.Tensor, bits: int) -> torch.Tensor | None:
     """For 2/4/8-bit codes, a 256-entry 1-D table: entry `byte` holds, bit for bit, the
     fp32 codebook values of the codes in that byte (1, 2 or 4 of them) as one int32,
     int64 or complex128 element. Gather with the packed bytes (int32), then
-    `.view(torch.float32)`. None for 3-bit codes. One 1-D gather of whole bytes is 4x
+    `.view(torch.float32)`. None for 3-bit codes. One 1-D gather of whole bytes is 3-5x
     the speed of gathering (256, k) rows, which index_select copies a row at a time
-    (442k bytes on one CPU thread: 0.25 vs 0.98 ms)."""
+    (tools/bench_dequant.py)."""
     if bits == 3:
         return None
     values = codebook.to(torch.float32)[_byte_lut_cpu(bits).to(codebook.device).to(torch.int64)]
