@@ -16,24 +16,18 @@ Median milliseconds of `--repeats` calls after 3 warm-up calls, one process.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from bench_quant import timed
 
 from qpeft.quant import PRESETS, dequantize, nf_codebook, quantize
 from qpeft.quant.packing import _byte_lut_cpu, decode_lut
 
 
 def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
+    for _ in range(3):  # warm-up
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return timed(fn, repeats, torch.device("cpu"))[0] * 1e3
 
 
 def main() -> None:
