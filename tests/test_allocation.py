@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qpeft.allocation import ilp_allocate, lqlora_grid, parse_budget
-from qpeft.allocation.ilp import pareto_configs
+from qpeft.allocation.ilp import hull_configs, pareto_configs
 from qpeft.errors import QpeftError
 
 
@@ -33,6 +33,31 @@ def test_pareto_front():
     bits = np.array([2.0, 3.0, 3.0, 4.0, 5.0])
     costs = np.array([10.0, 6.0, 7.0, 6.0, 1.0])
     assert pareto_configs(costs, bits) == [0, 1, 4]
+
+
+def test_hull_of_the_front():
+    bits = np.array([2.0, 3.0, 3.5, 4.0, 5.0, 8.0])
+    costs = np.array([10.0, 6.0, 5.5, 3.0, 2.5, 0.0])
+    # 3.5 bits lies above the segment from 3 to 4 bits (4.5), 5 bits above 4 to 8 (2.25)
+    assert pareto_configs(costs, bits) == [0, 1, 2, 3, 4, 5]
+    assert hull_configs(costs, bits) == [0, 1, 3, 5]
+
+
+def test_hull_configs_are_the_price_minimisers():
+    """A config is on the hull iff some price per bit λ makes it the cheapest in
+    cost + λ·bits (the LP relaxation's choices); every other front config lies on or
+    above the hull."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        bits = rng.uniform(2, 8, 40)
+        costs = np.exp(-bits + rng.normal(0, 0.3, 40))
+        hull = hull_configs(costs, bits)
+        slopes = -np.diff(costs[hull]) / np.diff(bits[hull])  # the prices where the choice changes
+        assert np.all(np.diff(slopes) < 0)  # convex
+        prices = np.concatenate([[2 * slopes[0]], (slopes[:-1] + slopes[1:]) / 2, [0.0]])
+        assert [int(np.argmin(costs + lam * bits)) for lam in prices] == hull
+        for j in set(pareto_configs(costs, bits)) - set(hull):
+            assert costs[j] >= np.interp(bits[j], bits[hull], costs[hull])
 
 
 def brute_force(costs, bits, numel, budget):

@@ -8,7 +8,7 @@ import torch
 
 from qpeft.allocation.costs import element_weights, group_configs, matrix_costs, scale_format_errors
 from qpeft.allocation.grid import lqlora_grid, parse_grid
-from qpeft.allocation.ilp import ilp_allocate, pareto_configs
+from qpeft.allocation.ilp import hull_configs, ilp_allocate, pareto_configs
 from qpeft.decompose.lqlora import alternate
 from qpeft.errors import QpeftError
 from qpeft.quant import dequantize, parse_config, quantize
@@ -64,20 +64,25 @@ def test_rank_zero_costs_are_plain_quantization_errors():
     np.testing.assert_allclose(costs, direct, rtol=1e-5)
 
 
-def test_refinement_only_lowers_costs_and_refines_the_front():
+def test_refinement_only_lowers_costs_and_refines_the_hull():
     torch.manual_seed(3)
     w = torch.randn(64, 96) * 0.02 + 0.01 * torch.randn(64, 4) @ torch.randn(4, 96)
     r, c = torch.rand(64) + 0.5, torch.rand(96) + 0.5
     grid = lqlora_grid()[::5]
     shared = matrix_costs(w, grid, rank=4, row_weight=r, col_weight=c, refine_iters=0)
     refined = matrix_costs(w, grid, rank=4, row_weight=r, col_weight=c)
-    everything = matrix_costs(w, grid, rank=4, row_weight=r, col_weight=c, refine_all=True)
+    everything = matrix_costs(w, grid, rank=4, row_weight=r, col_weight=c, refine="all")
     assert np.all(refined <= shared) and np.all(everything <= shared)
     assert np.any(refined < shared * 0.999)
     bits = np.array([g.bits_per_param for g in grid])
-    # the configs the allocation can pick were all refined as if every config had been
-    for j in pareto_configs(refined, bits):
+    # the configs the allocation picks were all refined as if every config had been
+    for j in hull_configs(refined, bits):
         assert refined[j] == pytest.approx(everything[j], rel=1e-9)
+    front = matrix_costs(w, grid, rank=4, row_weight=r, col_weight=c, refine="front")
+    for j in pareto_configs(front, bits):
+        assert front[j] == pytest.approx(everything[j], rel=1e-9)
+    # the hull is a strict subset of the front here, so refining it did less work
+    assert len(hull_configs(refined, bits)) < len(pareto_configs(refined, bits))
     # and a cost is the decomposition's weighted squared error, F̂ = r²c²/mean(F)
     quant_only = matrix_costs(w, grid[:1], rank=0, row_weight=r, col_weight=c)[0]
     weights = element_weights((64, 96), r, c)
@@ -108,8 +113,9 @@ def test_elementwise_fisher_costs():
 def test_coarse_scale_configs_get_their_own_low_rank_fit():
     """Outlier input channels in a low-rank pattern: with 2-3 bit, 256-block scales the
     low-rank part fitted for the fine-scale anchor leaves the outliers setting the scale
-    range, and pricing on it is ~2× too high. The table's lower envelope (what the ILP
-    can pick from) must stay within 5% of each config's own cold alternation."""
+    range, and pricing on it is ~2× too high. The table's lower convex envelope (the
+    hull, which the allocation's choices follow) must stay within 5% of that of each
+    config's own cold alternation."""
     torch.manual_seed(0)
     rank = 4
     w = torch.randn(96, 256) * 0.02 + torch.randn(96, rank) @ torch.randn(rank, 256) * 0.01
@@ -119,7 +125,8 @@ def test_coarse_scale_configs_get_their_own_low_rank_fit():
     bits = np.array([g.bits_per_param for g in grid])
 
     def envelope(costs):
-        return np.array([costs[bits <= b + 1e-12].min() for b in sorted(set(bits))])
+        hull = hull_configs(costs, bits)
+        return np.interp(sorted(set(bits)), bits[hull], costs[hull])
 
     def cold_alternation(config):
         quant = lambda x: simulate(x, config)  # noqa: E731

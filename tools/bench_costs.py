@@ -17,6 +17,12 @@ the only part of a row the ILP can use) of qpeft's table, with and without the f
 refinement, against the paper's method: every config's own cold alternation
 (20 iterations at most, rel. tolerance 1e-3). Ratios below 1 mean qpeft found a
 better decomposition than the reference.
+
+`--refine-sets` prices every 5th layer's matrices of the embedded SmolLM2 (Fisher
+row/column weights) twice, refining the lower convex hull of each matrix's front
+(the default) and the whole front, times both, and solves the allocation on each
+table at several budgets: the ratio of the two optimal total costs is what refining
+only the hull gives up (every cost in either table is that of a valid decomposition).
 """
 
 from __future__ import annotations
@@ -107,6 +113,44 @@ def accuracy(rank: int, grid: list) -> None:
         )
 
 
+def refine_sets(rank: int, grid: list, layer_stride: int, budgets: list[float]) -> None:
+    import numpy as np
+
+    from qpeft.allocation.ilp import ilp_allocate
+    from qpeft.models.resolve import resolve_model
+    from qpeft.models.selection import DEFAULT_TARGETS
+    from qpeft.models.weights import SafetensorsWeights
+    from qpeft.pipeline.calibrate import calibrate
+
+    model_dir = resolve_model(None)
+    fisher, _, _ = calibrate(model_dir, DEFAULT_TARGETS)
+    bits = np.array([c.bits_per_param for c in grid])
+    tables: dict[str, list[np.ndarray]] = {"hull": [], "front": []}
+    seconds = dict.fromkeys(tables, 0.0)
+    numel = []
+    for key, tensor in SafetensorsWeights(model_dir).items():
+        name = key.removesuffix(".weight")
+        if name not in fisher.row_mean or int(name.split(".")[2]) % layer_stride:
+            continue
+        w = tensor.float()
+        row, col = fisher.weights(name)
+        numel.append(w.numel())
+        for refine in tables:
+            start = time.perf_counter()
+            tables[refine].append(matrix_costs(w, grid, rank, row, col, refine=refine))
+            seconds[refine] += time.perf_counter() - start
+        print(f"{name:<34} hull {seconds['hull']:7.1f} s  front {seconds['front']:7.1f} s", flush=True)
+    print(f"rank {rank}, {len(numel)} matrices, {len(grid)} configs, Fisher-weighted")
+    print(
+        f"cost table: hull {seconds['hull']:.1f} s, front {seconds['front']:.1f} s "
+        f"({seconds['hull'] / seconds['front']:.3f}x)"
+    )
+    print(f"{'budget':>7} {'hull cost':>12} {'front cost':>12} {'hull / front':>13}")
+    for budget in budgets:
+        hull, front = (ilp_allocate(np.array(tables[k]), bits, numel, budget).cost for k in ("hull", "front"))
+        print(f"{budget:>7g} {hull:>12.6g} {front:>12.6g} {hull / front:>13.5f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="llama2-7b")
@@ -116,8 +160,14 @@ def main() -> None:
     parser.add_argument("--cold-sample", type=int, default=6, help="configs timed with a full cold alternation each")
     parser.add_argument("--no-fisher", action="store_true")
     parser.add_argument("--accuracy", action="store_true", help="envelope accuracy on real SmolLM2 matrices")
+    parser.add_argument("--refine-sets", action="store_true", help="hull vs front refinement on real SmolLM2 matrices")
+    parser.add_argument("--layer-stride", type=int, default=5, help="--refine-sets: every n-th layer")
+    parser.add_argument("--budgets", default="2.5,2.75,3.25,3.5", help="--refine-sets: budgets to allocate")
     args = parser.parse_args()
     grid = parse_grid(args.configs)
+    if args.refine_sets:
+        refine_sets(args.rank, grid, args.layer_stride, [float(b) for b in args.budgets.split(",")])
+        return
     if args.accuracy:
         accuracy(args.rank, grid)
         return

@@ -22,9 +22,12 @@ reference code need a GPU cluster. The work is shared instead:
   iteration). Pricing configs on the anchor's factors alone is not enough: with
   coarse (2–3 bit, 256-block) scales the configs' own low-rank part absorbs the
   blocks that set the scale range and their error drops up to 3×;
-* the configs on the matrix's (bits, cost) Pareto front, the only ones the
-  allocation can pick, run a short alternation from their step, until the front
-  holds refined configs only.
+* the configs on the lower convex hull of the matrix's (bits, cost) front, where
+  the allocation's choices lie (`hull_configs`), run a short alternation from
+  their step, until the hull holds refined configs only. Refining the whole front
+  instead (`refine="front"`; SmolLM2: ~77 front configs per matrix, ~20 on the
+  hull) takes 1.48× the time for allocations 0.02–0.14% cheaper
+  (`tools/bench_costs.py --refine-sets`, docs/RESULTS.md).
 
 With rank 0 the group pass prices every scale format exactly in O(blocks): with
 e = x − m·v (m the exact absmax, v the chosen level) and d = m − s, the error of
@@ -41,7 +44,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from qpeft.allocation.ilp import pareto_configs
+from qpeft.allocation.ilp import REFINED_SETS
 from qpeft.decompose.lowrank import lowrank_factors
 from qpeft.decompose.lqlora import alternate, row_space, weighted_error
 from qpeft.decompose.qwha import QWHASolver
@@ -115,15 +118,16 @@ def matrix_costs(
     max_iters: int = 20,
     rel_tol: float = 1e-3,
     refine_iters: int = 5,
-    refine_all: bool = False,
+    refine: str = "hull",
     fisher: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Cost of `weight` (fp32 on its device) under each config, in the order given.
 
     Each cost is that of a valid decomposition under its config, so an upper bound of
     the best one: the lowest of the config priced on its group anchor's factors, its
-    one-step fit, and (for configs on the (bits, cost) Pareto front, or every config
-    with `refine_all`) a `refine_iters`-step alternation from that fit.
+    one-step fit, and (for configs on the lower convex hull of the (bits, cost) front,
+    or with `refine` "front" / "all" on the front or every config) a
+    `refine_iters`-step alternation from that fit.
     `refine_iters=0` stops after the one-step fits. `fisher` (the full Fisher
     diagonal, shaped like `weight`) prices every decomposition by Σ F·δ² instead
     of F̂."""
@@ -165,7 +169,7 @@ def matrix_costs(
     bits = np.array([c.bits_per_param for c in configs])
     refined: set[int] = set()
     while True:
-        todo = set(range(len(configs))) if refine_all else set(pareto_configs(costs, bits))
+        todo = set(range(len(configs))) if refine == "all" else set(REFINED_SETS[refine](costs, bits))
         todo -= refined
         if not todo:
             return costs
@@ -197,6 +201,7 @@ def qwha_matrix_costs(
     solver: QWHASolver,
     count: int,
     alpha: float = 1.0,
+    refine: str = "hull",
 ) -> np.ndarray:
     """Cost of `weight` under each config for QWHA: the output error (ê − f)G_Z(ê − f)ᵀ
     summed over rows after the QWHA init on E = W − deq(quant(W)), with G the solver's
@@ -205,12 +210,13 @@ def qwha_matrix_costs(
 
     * every config is priced by its quantization error weighted by diag(G), in one
       O(numel) pass per (bits, block) group (as for LQ-LoRA's rank 0);
-    * the configs on the (bits, cost) Pareto front get their init and exact cost; the
+    * the configs on the lower convex hull of the (bits, cost) front (`hull_configs`,
+      or the whole front with `refine="front"`) get their init and exact cost; the
       others' estimates are rescaled by the median exact/estimate ratio of the inits
       done so far at the same code bits (the init removes a similar share of the error
-      of configs that quantize alike); repeat until the front holds exact costs only.
+      of configs that quantize alike); repeat until the hull holds exact costs only.
 
-    Every cost the front keeps is the exact residual of a valid init."""
+    Every cost on the hull is the exact residual of a valid init."""
     w = weight.float()
     diag = solver.gram.diagonal().to(device=w.device, dtype=torch.float32)
     weights = diag.unsqueeze(0).expand(w.shape).contiguous()
@@ -230,7 +236,7 @@ def qwha_matrix_costs(
                 costs[code_bits == b] = estimate[code_bits == b] * ratio
         for j, value in exact.items():
             costs[j] = value
-        todo = [j for j in pareto_configs(costs, bits) if j not in exact]
+        todo = [j for j in REFINED_SETS[refine](costs, bits) if j not in exact]
         if not todo:
             return costs
         for j in todo:

@@ -54,6 +54,31 @@ def pareto_configs(costs: np.ndarray, bits: np.ndarray) -> list[int]:
     return kept
 
 
+def hull_configs(costs: np.ndarray, bits: np.ndarray) -> list[int]:
+    """Indices of the configs on the lower convex hull of one matrix's (bits, cost)
+    front, by rising bits: the configs that some price per bit makes optimal.
+
+    The LP relaxation of the allocation (a multiple-choice knapsack with one budget
+    row) has an optimum that uses hull configs for every matrix but at most one,
+    which mixes two neighbouring hull configs (Sinha & Zoltners 1979). The integer
+    optimum can use a front config off the hull, but only to fill the budget's last
+    bits, so the hull is where the costs have to be accurate."""
+    hull: list[int] = []
+    for j in pareto_configs(costs, bits):
+        # drop the last kept point while it lies on or above the segment to j
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (costs[b] - costs[a]) * (bits[j] - bits[a]) >= (costs[j] - costs[a]) * (bits[b] - bits[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(j)
+    return hull
+
+
+REFINED_SETS = {"hull": hull_configs, "front": pareto_configs}
+
+
 def check_budget(budget: float, bits: np.ndarray, numel: Sequence[int] | np.ndarray) -> None:
     """Error unless some choice of configs meets the budget; it names the range of
     average bits that the configs allow. `bits`: matrices × configs."""
