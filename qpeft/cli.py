@@ -130,7 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine-iters",
         type=int,
         default=5,
-        help="alternation steps given to each Pareto-front config of the cost table (default: 5; 0 = none)",
+        help="alternation steps given to each refined config of the cost table (default: 5; 0 = none)",
+    )
+    dec.add_argument(
+        "--refine",
+        choices=["hull", "front"],
+        default="hull",
+        help="configs of each matrix whose costs are refined (LQ-LoRA) or initialised exactly (QWHA): the lower "
+        "convex hull of its (bits, cost) front, where the allocation chooses (default), or the whole front",
     )
     dec.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.work")
     dec.add_argument("--costs", type=Path, default=None, help="reuse the cost table of an earlier checkpoint")
@@ -321,14 +328,14 @@ def cmd_decompose(args: argparse.Namespace) -> None:
         grams = _lend_threads_to_rank_zero(
             lambda: calibrate_activations(model_dir, targets, *calib, args.device, args.calib_dtype)[0], device
         )
-        method = QWHA(args.rank, grams, args.alpha)
+        method = QWHA(args.rank, grams, args.alpha, args.refine)
     else:
         fisher = None
         if args.fisher is not None:
             fisher = fisher_for(args.fisher, names, args.fisher_elementwise)
         elif not args.no_fisher:
             fisher = _lend_threads_to_rank_zero(lambda: _run_calibration(args, model_dir)[0], device)
-        method = LQLoRA(args.rank, fisher, args.seed, refine_iters=args.refine_iters)
+        method = LQLoRA(args.rank, fisher, args.seed, refine_iters=args.refine_iters, refine=args.refine)
     manifest = decompose_model(
         model_dir, args.out, budget, method, targets, grid, device, args.resume, args.costs, args.model or "smollm2"
     )

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from qpeft.allocation.costs import qwha_matrix_costs
+from qpeft.allocation.grid import lqlora_grid
+from qpeft.allocation.ilp import REFINED_SETS
 from qpeft.calibration.activations import damping_shift, input_grams
 from qpeft.calibration.stream import LayerwiseLM
 from qpeft.decompose.qwha import QWHASolver, ada_alloc, parameter_count, qwha_init, select_positions
@@ -110,6 +114,26 @@ def test_more_parameters_cancel_more_error():
     assert errors[0] > errors[1] > errors[2]
     full = QWHASolver(x.T @ x, damping=0.0).init(error, 48 * d_in)  # every position, undamped: exact
     assert float(full.error_after.sum()) < 1e-9 * float(full.error_before.sum())
+
+
+@pytest.mark.parametrize("refine", ["hull", "front"])
+def test_cost_table_is_exact_where_the_allocation_chooses(refine):
+    """qwha_matrix_costs prices every config from its quantization error and runs the
+    init only for the configs that matter (the hull, or the whole front): their costs
+    must be the exact residual after their own init."""
+    d_out, d_in = 40, 64
+    x = _inputs(300, d_in, 11).double()
+    weight = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(12)) * 0.05
+    grid = lqlora_grid()[::7]
+    solver = QWHASolver(x.T @ x / 300)
+    count = parameter_count(2, (d_out, d_in))
+    costs = qwha_matrix_costs(weight, grid, solver, count, refine=refine)
+    bits = np.array([c.bits_per_param for c in grid])
+    chosen = REFINED_SETS[refine](costs, bits)
+    for j in chosen:
+        exact = float(solver.init(weight - simulate(weight, grid[j]), count).error_after.sum())
+        assert costs[j] == pytest.approx(exact, rel=1e-9)
+    assert len(chosen) < len(grid)  # the rest were estimated, not initialised
 
 
 def test_input_grams_match_a_direct_computation_and_share_inputs(tiny_model_dir):

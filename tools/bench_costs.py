@@ -18,8 +18,8 @@ refinement, against the paper's method: every config's own cold alternation
 (20 iterations at most, rel. tolerance 1e-3). Ratios below 1 mean qpeft found a
 better decomposition than the reference.
 
-`--refine-sets` prices every 5th layer's matrices of the embedded SmolLM2 (Fisher
-row/column weights) twice, refining the lower convex hull of each matrix's front
+`--refine-sets` prices every 5th layer's matrices of the embedded SmolLM2 (LQ-LoRA
+with Fisher row/column weights, or `--method qwha`) twice, refining the lower convex hull of each matrix's front
 (the default) and the whole front, times both, and solves the allocation on each
 table at several budgets: the ratio of the two optimal total costs is what refining
 only the hull gives up (every cost in either table is that of a valid decomposition).
@@ -113,34 +113,42 @@ def accuracy(rank: int, grid: list) -> None:
         )
 
 
-def refine_sets(rank: int, grid: list, layer_stride: int, budgets: list[float]) -> None:
+def refine_sets(method_name: str, rank: int, grid: list, layer_stride: int, budgets: list[float]) -> None:
+    import dataclasses
+
     import numpy as np
 
     from qpeft.allocation.ilp import ilp_allocate
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import DEFAULT_TARGETS
     from qpeft.models.weights import SafetensorsWeights
-    from qpeft.pipeline.calibrate import calibrate
+    from qpeft.pipeline.calibrate import calibrate, calibrate_activations
+    from qpeft.pipeline.methods import QWHA, LQLoRA
 
     model_dir = resolve_model(None)
-    fisher, _, _ = calibrate(model_dir, DEFAULT_TARGETS)
+    if method_name == "qwha":
+        method = QWHA(rank, calibrate_activations(model_dir, DEFAULT_TARGETS)[0])
+        selected = set(method.grams.owner)
+    else:
+        method = LQLoRA(rank, calibrate(model_dir, DEFAULT_TARGETS)[0])
+        selected = set(method.fisher.row_mean)
     bits = np.array([c.bits_per_param for c in grid])
     tables: dict[str, list[np.ndarray]] = {"hull": [], "front": []}
     seconds = dict.fromkeys(tables, 0.0)
     numel = []
     for key, tensor in SafetensorsWeights(model_dir).items():
         name = key.removesuffix(".weight")
-        if name not in fisher.row_mean or int(name.split(".")[2]) % layer_stride:
+        if name not in selected or int(name.split(".")[2]) % layer_stride:
             continue
         w = tensor.float()
-        row, col = fisher.weights(name)
         numel.append(w.numel())
         for refine in tables:
             start = time.perf_counter()
-            tables[refine].append(matrix_costs(w, grid, rank, row, col, refine=refine))
+            tables[refine].append(dataclasses.replace(method, refine=refine).costs(name, w, grid))
             seconds[refine] += time.perf_counter() - start
         print(f"{name:<34} hull {seconds['hull']:7.1f} s  front {seconds['front']:7.1f} s", flush=True)
-    print(f"rank {rank}, {len(numel)} matrices, {len(grid)} configs, Fisher-weighted")
+    weighting = "output error" if method_name == "qwha" else "Fisher-weighted"
+    print(f"{method_name} rank {rank}, {len(numel)} matrices, {len(grid)} configs, {weighting}")
     print(
         f"cost table: hull {seconds['hull']:.1f} s, front {seconds['front']:.1f} s "
         f"({seconds['hull'] / seconds['front']:.3f}x)"
@@ -161,12 +169,13 @@ def main() -> None:
     parser.add_argument("--no-fisher", action="store_true")
     parser.add_argument("--accuracy", action="store_true", help="envelope accuracy on real SmolLM2 matrices")
     parser.add_argument("--refine-sets", action="store_true", help="hull vs front refinement on real SmolLM2 matrices")
+    parser.add_argument("--method", choices=["lqlora", "qwha"], default="lqlora", help="--refine-sets: whose table")
     parser.add_argument("--layer-stride", type=int, default=5, help="--refine-sets: every n-th layer")
     parser.add_argument("--budgets", default="2.5,2.75,3.25,3.5", help="--refine-sets: budgets to allocate")
     args = parser.parse_args()
     grid = parse_grid(args.configs)
     if args.refine_sets:
-        refine_sets(args.rank, grid, args.layer_stride, [float(b) for b in args.budgets.split(",")])
+        refine_sets(args.method, args.rank, grid, args.layer_stride, [float(b) for b in args.budgets.split(",")])
         return
     if args.accuracy:
         accuracy(args.rank, grid)

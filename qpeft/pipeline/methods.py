@@ -59,6 +59,7 @@ class LQLoRA:
     max_iters: int = 20
     rel_tol: float = 1e-3
     refine_iters: int = 5
+    refine: str = "hull"  # the configs of each matrix whose costs get refined: hull or front
     name = "lqlora"
 
     def _weights(self, name: str, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -80,6 +81,7 @@ class LQLoRA:
             self.max_iters,
             self.rel_tol,
             self.refine_iters,
+            refine=self.refine,
             fisher=element,
         )
 
@@ -109,6 +111,7 @@ class QWHA:
     rank: int
     grams: InputGrams
     alpha: float = 1.0
+    refine: str = "hull"  # the configs of each matrix given an exact init: hull or front
     name = "qwha"
 
     def _solver(self, name: str, device: torch.device) -> QWHASolver:
@@ -117,7 +120,7 @@ class QWHA:
 
     def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray:
         count = parameter_count(self.rank, tuple(weight.shape))
-        return qwha_matrix_costs(weight, grid, self._solver(name, weight.device), count, self.alpha)
+        return qwha_matrix_costs(weight, grid, self._solver(name, weight.device), count, self.alpha, self.refine)
 
     def split(self, name: str, weight: torch.Tensor, config: QuantConfig) -> Split:
         quantized = quantize(weight, config)
