@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -231,7 +230,7 @@ def _check_calib(args: argparse.Namespace) -> None:
         raise QpeftError("--calib-seqlen must be at least 2 tokens")
 
 
-def _run_calibration(args: argparse.Namespace, model_dir: Path, out: Path | None = None):
+def _run_calibration(args: argparse.Namespace, model_dir: Path, out: Path | None = None, device: str | None = None):
     from qpeft.pipeline.calibrate import calibrate
 
     return calibrate(
@@ -242,7 +241,7 @@ def _run_calibration(args: argparse.Namespace, model_dir: Path, out: Path | None
         args.calib_seqlen,
         args.calib_seed,
         args.calib_batch_size,
-        args.device,
+        device or args.device,
         args.calib_dtype,
         out,
         args.fisher_elementwise,
@@ -266,35 +265,15 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: Fisher {what} of {len(stats.row_mean)} matrices ({how})")
 
 
-def _lend_threads_to_rank_zero(work, device: str):
-    """Run `work` on rank 0 while the other ranks wait (they then read its cache); on
-    CPU the waiting local ranks lend rank 0 their cores."""
-    import torch
-
-    from qpeft.pipeline.decompose import rank_and_world
-
-    rank, world = rank_and_world()
-    if world > 1 and rank != 0:
-        torch.distributed.barrier()
-    threads = torch.get_num_threads()
-    if world > 1 and device == "cpu":
-        torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    try:
-        return work()
-    finally:
-        torch.set_num_threads(threads)
-        if world > 1 and rank == 0:
-            torch.distributed.barrier()
-
-
 def cmd_decompose(args: argparse.Namespace) -> None:
     from calib.batches import calibration_text
     from qpeft.allocation.grid import parse_grid
     from qpeft.allocation.ilp import parse_budget
+    from qpeft.distributed import init_distributed
     from qpeft.io.atomic import ensure_absent
     from qpeft.models.resolve import resolve_model
     from qpeft.pipeline.calibrate import calibrate_activations, fisher_for
-    from qpeft.pipeline.decompose import decompose_model, format_type_table, init_distributed, plan_matrices
+    from qpeft.pipeline.decompose import decompose_model, format_type_table, plan_matrices
     from qpeft.pipeline.methods import QWHA, LQLoRA
     from qpeft.quant import parse_config
 
@@ -325,16 +304,14 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     names, _ = plan_matrices(model_dir, targets, grid, budget)  # fail before the slow stages
     calib = (args.calib, args.calib_sequences, args.calib_seqlen, args.calib_seed, args.calib_batch_size)
     if args.method == "qwha":
-        grams = _lend_threads_to_rank_zero(
-            lambda: calibrate_activations(model_dir, targets, *calib, args.device, args.calib_dtype)[0], device
-        )
+        grams = calibrate_activations(model_dir, targets, *calib, device, args.calib_dtype)[0]
         method = QWHA(args.rank, grams, args.alpha, args.refine)
     else:
         fisher = None
         if args.fisher is not None:
             fisher = fisher_for(args.fisher, names, args.fisher_elementwise)
         elif not args.no_fisher:
-            fisher = _lend_threads_to_rank_zero(lambda: _run_calibration(args, model_dir)[0], device)
+            fisher = _run_calibration(args, model_dir, device=device)[0]
         method = LQLoRA(args.rank, fisher, args.seed, refine_iters=args.refine_iters, refine=args.refine)
     manifest = decompose_model(
         model_dir, args.out, budget, method, targets, grid, device, args.resume, args.costs, args.model or "smollm2"

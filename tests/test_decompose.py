@@ -15,9 +15,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from qpeft.calibration.activations import load_grams
 from qpeft.calibration.fisher import load_fisher
 from qpeft.io.checkpoint import read_manifest
 from qpeft.models.loading import load_checkpoint
+from qpeft.models.selection import DEFAULT_TARGETS
+from qpeft.pipeline.calibrate import calibrate, calibrate_activations
 from qpeft.quant import dequantize, parse_config
 from qpeft.quant.blockwise import simulate
 from tests.test_cli import assert_one_line_error, run
@@ -174,20 +177,21 @@ def test_resume_after_a_kill_recomputes_nothing_finished(tiny_model_dir, tmp_pat
     }
 
 
-def test_two_processes_split_the_cost_table(tiny_model_dir, tmp_path):
-    args = ["--budget", "3", "--rank", 4, "--no-fisher", "--configs", SMALL_GRID]
-    out = tmp_path / "two"
+def _torchrun(*argv, env=SUBPROCESS_ENV) -> subprocess.CompletedProcess:
+    """`qpeft ARGV` in 2 CPU processes under torchrun."""
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    result = subprocess.run(
-        [*launch, "-m", "qpeft.cli", "decompose", tiny_model_dir, "--out", out, *map(str, args)],
-        env=SUBPROCESS_ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return subprocess.run(
+        [*launch, "-m", "qpeft.cli", *map(str, argv)], env=env, capture_output=True, text=True, timeout=300
     )
+
+
+def test_two_processes_split_the_cost_table(tiny_model_dir, tmp_path):
+    args = ["--budget", "3", "--rank", 4, "--no-fisher", "--configs", SMALL_GRID]
+    out = tmp_path / "two"
+    result = _torchrun("decompose", tiny_model_dir, "--out", out, *args)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = read_manifest(out)
     assert manifest["provenance"]["processes"] == 2
@@ -201,6 +205,33 @@ def test_two_processes_split_the_cost_table(tiny_model_dir, tmp_path):
     two = json.loads((out / "cost_table.json").read_text())["matrices"]
     one = json.loads((tmp_path / "one" / "cost_table.json").read_text())["matrices"]
     assert two == one
+
+
+def test_two_processes_share_the_calibration(tiny_model_dir, tmp_path, monkeypatch):
+    """Each process calibrates half of the sequences; the combined Fisher and XᵀX equal
+    one process's up to the order of the sums."""
+    calib = ["--calib-sequences", 5, "--calib-seqlen", 16]
+    env = {**SUBPROCESS_ENV, "QPEFT_CACHE": str(tmp_path / "two")}
+    for how in (["--budget", 3, "--configs", SMALL_GRID], ["--method", "qwha", "--config", "nf3"]):
+        result = _torchrun(
+            "decompose", tiny_model_dir, "--rank", 2, *how, *calib, "--out", tmp_path / str(how[1]), env=env
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "one"))
+    fisher, _, hit = calibrate(tiny_model_dir, DEFAULT_TARGETS, num_sequences=5, seqlen=16)
+    grams, hit_grams = calibrate_activations(tiny_model_dir, DEFAULT_TARGETS, num_sequences=5, seqlen=16)
+    assert not hit and not hit_grams
+    (fisher_file,) = (tmp_path / "two" / "fisher").glob("*.safetensors")
+    shared = load_fisher(fisher_file)
+    assert shared.metadata["processes"] == 2 and shared.metadata["sequences"] == 5
+    for name in fisher.row_mean:
+        torch.testing.assert_close(shared.row_mean[name], fisher.row_mean[name], rtol=1e-5, atol=0)
+        torch.testing.assert_close(shared.col_mean[name], fisher.col_mean[name], rtol=1e-5, atol=0)
+    (grams_file,) = (tmp_path / "two" / "activations").glob("*.safetensors")
+    shared_grams = load_grams(grams_file)
+    assert shared_grams.tokens == grams.tokens == 5 * 16 and shared_grams.owner == grams.owner
+    for key in grams.grams:
+        torch.testing.assert_close(shared_grams.grams[key], grams.grams[key], rtol=1e-9, atol=1e-12)
 
 
 def test_calibrate_writes_a_file_and_never_overwrites(tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -87,6 +87,17 @@ class _GramHooks:
             handle.remove()
 
 
+def all_reduce_grams(grams: InputGrams, device: str | torch.device) -> InputGrams:
+    """Across the processes of a torch.distributed group that each calibrated a share of
+    the sequences: XᵀX and the token and sequence counts summed over all of them."""
+    from qpeft.distributed import all_reduce_sum
+
+    counts = torch.tensor([grams.tokens, grams.metadata["sequences"]], dtype=torch.float64)
+    tokens, sequences = (int(v) for v in all_reduce_sum(counts, device).tolist())
+    summed = {k: all_reduce_sum(g, device) for k, g in grams.grams.items()}
+    return InputGrams(summed, dict(grams.owner), tokens, {**grams.metadata, "sequences": sequences})
+
+
 @torch.no_grad()
 def input_grams(
     lm: LayerwiseLM, names: Sequence[str], batches: torch.Tensor, batch_size: int = 1, progress: bool = True

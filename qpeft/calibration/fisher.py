@@ -116,6 +116,26 @@ def empirical_fisher(
     return FisherStats(row_mean, col_mean, metadata, element)
 
 
+def all_reduce_fisher(stats: FisherStats, device: str | torch.device) -> FisherStats:
+    """Across the processes of a torch.distributed group that each calibrated a share of
+    the sequences: the means over all of them, Σ_k n_k·mean_k / Σ_k n_k (equal to one
+    process's result up to the order of the fp32 sums)."""
+    from qpeft.distributed import all_reduce_sum
+
+    local = stats.metadata["sequences"]
+    total = int(all_reduce_sum(torch.tensor([float(local)], dtype=torch.float64), device).item())
+
+    def mean_over_all(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: all_reduce_sum(t * local, device).div_(total) for n, t in tensors.items()}
+
+    return FisherStats(
+        mean_over_all(stats.row_mean),
+        mean_over_all(stats.col_mean),
+        {**stats.metadata, "sequences": total},
+        mean_over_all(stats.element),
+    )
+
+
 def save_fisher(path: Path, stats: FisherStats) -> None:
     """Write the statistics (and their settings as metadata) atomically."""
     tensors = {f"{n}.row_mean": t for n, t in stats.row_mean.items()}

@@ -11,8 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from calib.batches import calibration_batches, calibration_text
-from qpeft.calibration.activations import InputGrams, input_grams, load_grams, save_grams
-from qpeft.calibration.fisher import FisherStats, empirical_fisher, load_fisher, save_fisher, settings_key
+from qpeft.calibration.activations import InputGrams, all_reduce_grams, input_grams, load_grams, save_grams
+from qpeft.calibration.fisher import (
+    FisherStats,
+    all_reduce_fisher,
+    empirical_fisher,
+    load_fisher,
+    save_fisher,
+    settings_key,
+)
+from qpeft.distributed import barrier, rank_and_world
 from qpeft.errors import QpeftError
 from qpeft.models.resolve import cache_dir
 from qpeft.models.selection import select_linear
@@ -74,19 +82,35 @@ def _cached_statistics(
     compute: Callable[[Any, list[str], Any], Any],
     load: Callable[[Path], Any],
     save: Callable[[Path, Any], None],
+    reduce: Callable[[Any, str], Any],
 ) -> tuple[Any, Path, bool]:
     """(statistics, cache file, whether it was a hit) of one kind ($QPEFT_CACHE/KIND/,
-    keyed by `settings`): loaded, or computed by compute(layer-wise model, layer names, batches)
-    and saved with the settings and run time as its metadata."""
+    keyed by `settings`): loaded, or computed by compute(layer-wise model, layer names,
+    batches) and saved with the settings and run time as its metadata.
+
+    In a torch.distributed run every process computes a share of the sequences
+    (rank k takes rows k, k + world, …), `reduce` combines the shares, and rank 0
+    writes the file that all then read: two 1-thread CPU processes get through the
+    calibration faster than one with both threads. The cache directory must be shared."""
+    rank, world = rank_and_world()
     cached = cache_dir() / kind / f"{settings_key(settings)}.safetensors"
-    if cached.is_file():
+    hit = cached.is_file()
+    barrier()  # every process has looked before rank 0 may write it
+    if hit:
         return load(cached), cached, True
     lm, batches = _model_and_batches(model_dir, settings, text, device)
+    if batches.shape[0] < world:
+        raise QpeftError(f"{batches.shape[0]} calibration sequences cannot be shared by {world} processes")
     start = time.perf_counter()
-    stats = compute(lm, select_linear(lm.model, targets), batches)
-    stats.metadata = {**settings, "seconds": round(time.perf_counter() - start, 1), "device": device}
+    stats = compute(lm, select_linear(lm.model, targets), batches[rank::world])
     del lm
-    save(cached, stats)
+    if world > 1:
+        stats = reduce(stats, device)
+    metadata = {**settings, "seconds": round(time.perf_counter() - start, 1), "device": device}
+    stats.metadata = metadata | ({"processes": world} if world > 1 else {})
+    if rank == 0:
+        save(cached, stats)
+    barrier()
     return load(cached), cached, False  # as a hit would: the Grams then come from the file one at a time
 
 
@@ -119,6 +143,7 @@ def calibrate(
         lambda model, names, batches: empirical_fisher(model, names, batches, batch_size, elementwise=elementwise),
         load_fisher,
         save_fisher,
+        all_reduce_fisher,
     )
     if out is not None and Path(out).resolve() != cached.resolve():
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +176,7 @@ def calibrate_activations(
         lambda model, names, batches: input_grams(model, names, batches, batch_size),
         load_grams,
         save_grams,
+        all_reduce_grams,
     )
     return grams, hit
 

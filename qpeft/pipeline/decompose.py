@@ -37,6 +37,7 @@ import qpeft
 from qpeft.allocation.ilp import Allocation, check_budget, ilp_allocate
 from qpeft.calibration.activations import InputGrams
 from qpeft.calibration.fisher import FisherStats
+from qpeft.distributed import barrier, rank_and_world
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory, atomic_file
 from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, stream_model, write_manifest
@@ -72,7 +73,7 @@ def method_settings(method: Method) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in method.__dict__.items():
         if isinstance(value, FisherStats | InputGrams):
-            value = {k: v for k, v in value.metadata.items() if k not in ("seconds", "device")}
+            value = {k: v for k, v in value.metadata.items() if k not in ("seconds", "device", "processes")}
         out[key] = value
     return out
 
@@ -86,30 +87,6 @@ class CostTable:
     seconds: float = 0.0
     resumed: int = 0  # matrices found finished in the work directory
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size): from an initialised torch.distributed group, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: str) -> str:
-    """Join the process group when launched by torchrun / accelerate launch (WORLD_SIZE
-    > 1): gloo on CPU, NCCL on GPUs. Returns this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or not torch.distributed.is_available():
-        return device
-    cuda = torch.device(device).type == "cuda"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else device
-
-
-def _barrier() -> None:
-    if rank_and_world()[1] > 1:
-        torch.distributed.barrier()
 
 
 def work_dir_for(out: Path) -> Path:
@@ -187,7 +164,7 @@ def compute_cost_table(
             out.flush()
             os.fsync(out.fileno())
             bar.update()
-    _barrier()
+    barrier()
     if rank != 0:
         return None
     rows = {}
@@ -422,10 +399,13 @@ def decompose_model(
     else:
         if rank_id == 0:
             prepare_work_dir(work, settings, resume)
-        _barrier()
+        barrier()
         table = compute_cost_table(model_dir, names, grid, settings, method, work, device)
     if table is None:
         return None
+    if world > 1 and torch.device(device).type == "cpu":
+        # the other local ranks are done: their cores go to rank 0's ILP and final split
+        torch.set_num_threads(torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if table.names != list(names):
         raise QpeftError("the cost table's matrices are not the selected ones")
 
