@@ -403,9 +403,6 @@ def decompose_model(
         table = compute_cost_table(model_dir, names, grid, settings, method, work, device)
     if table is None:
         return None
-    if world > 1 and torch.device(device).type == "cpu":
-        # the other local ranks are done: their cores go to rank 0's ILP and final split
-        torch.set_num_threads(torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if table.names != list(names):
         raise QpeftError("the cost table's matrices are not the selected ones")
 
