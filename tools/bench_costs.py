@@ -19,10 +19,11 @@ refinement, against the paper's method: every config's own cold alternation
 better decomposition than the reference.
 
 `--refine-sets` prices every 5th layer's matrices of the embedded SmolLM2 (LQ-LoRA
-with Fisher row/column weights, or `--method qwha`) twice, refining the lower convex hull of each matrix's front
-(the default) and the whole front, times both, and solves the allocation on each
-table at several budgets: the ratio of the two optimal total costs is what refining
-only the hull gives up (every cost in either table is that of a valid decomposition).
+with Fisher row/column weights, or `--method qwha`) twice, refining the lower convex
+hull of each matrix's front (the default) and the whole front, times both, and
+solves the allocation on each table at several budgets: the ratio of the two optimal
+total costs is what refining only the hull gives up (every cost in either table is
+that of a valid decomposition).
 """
 
 from __future__ import annotations

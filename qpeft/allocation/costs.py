@@ -169,8 +169,7 @@ def matrix_costs(
     bits = np.array([c.bits_per_param for c in configs])
     refined: set[int] = set()
     while True:
-        todo = set(range(len(configs))) if refine == "all" else set(REFINED_SETS[refine](costs, bits))
-        todo -= refined
+        todo = set(REFINED_SETS[refine](costs, bits)) - refined
         if not todo:
             return costs
         for j in sorted(todo):

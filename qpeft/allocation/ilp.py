@@ -76,7 +76,13 @@ def hull_configs(costs: np.ndarray, bits: np.ndarray) -> list[int]:
     return hull
 
 
-REFINED_SETS = {"hull": hull_configs, "front": pareto_configs}
+def all_configs(costs: np.ndarray, bits: np.ndarray) -> list[int]:
+    """Every config, for checking the refined sets against refining them all."""
+    return list(range(len(costs)))
+
+
+# which configs of a matrix a cost table refines (LQ-LoRA) or initialises exactly (QWHA)
+REFINED_SETS = {"hull": hull_configs, "front": pareto_configs, "all": all_configs}
 
 
 def check_budget(budget: float, bits: np.ndarray, numel: Sequence[int] | np.ndarray) -> None:
