@@ -163,11 +163,35 @@ def quantize(
     # amax propagates NaN, so one check at the end covers every value (one device sync)
     if not torch.isfinite(absmax).all():
         raise QpeftError(f"{name} contains NaN or Inf values")
+    return _with_scales(config, tuple(weight.shape), codes, absmax)
+
+
+def _with_scales(
+    config: QuantConfig, shape: tuple[int, ...], packed_codes: torch.Tensor, absmax: torch.Tensor
+) -> QuantizedTensor:
+    """The stored form of packed codes and their exact block absmaxes: the scales
+    double-quantized, or rounded to `scale_dtype`."""
     if not config.double_quant:
-        return QuantizedTensor(config, tuple(weight.shape), codes, absmax.to(TORCH_DTYPES[config.scale_dtype]))
+        return QuantizedTensor(config, shape, packed_codes, absmax.to(TORCH_DTYPES[config.scale_dtype]))
+    layout = storage_layout(config, math.prod(shape))
     scale_codes, scale_scales, offset = _quantize_scales(absmax, config)
     packed_scales = pack_codes(scale_codes[: layout.padded_num_blocks], config.scale_bits)
-    return QuantizedTensor(config, tuple(weight.shape), codes, packed_scales, scale_scales, offset)
+    return QuantizedTensor(config, shape, packed_codes, packed_scales, scale_scales, offset)
+
+
+def pack_quantized(
+    codes: torch.Tensor, absmax: torch.Tensor, config: QuantConfig, shape: tuple[int, ...]
+) -> QuantizedTensor:
+    """The stored form of codes chosen elsewhere (e.g. by error-feedback rounding):
+    `codes` holds one codebook index per element (`shape`), `absmax` the exact fp32
+    absmax of each block, from which the scales are made as `quantize` makes them.
+    Padding codes are those of zero, as `quantize` writes them."""
+    layout = storage_layout(config, math.prod(shape))
+    if codes.numel() != layout.numel or absmax.numel() != layout.num_blocks:
+        raise QpeftError(f"{codes.numel()} codes and {absmax.numel()} scales do not fit {config.name} on {shape}")
+    zero = nearest_level(codes.new_zeros(1, dtype=torch.float32), nf_codebook(config.bits, codes.device))
+    padded = torch.cat([codes.reshape(-1).to(torch.int32), zero.expand(layout.padding)])
+    return _with_scales(config, tuple(shape), pack_codes(padded, config.bits), absmax.float())
 
 
 def _scale_codebook(config: QuantConfig, device: torch.device) -> torch.Tensor:
