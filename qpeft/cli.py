@@ -138,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="configs of each matrix whose costs are refined (LQ-LoRA) or initialised exactly (QWHA): the lower "
         "convex hull of its (bits, cost) front, where the allocation chooses (default), or the whole front",
     )
+    dec.add_argument(
+        "--rounding",
+        choices=["gptq", "nearest"],
+        default=None,
+        help="LQ-LoRA: how the codes of Q are chosen once its config is: gptq (error feedback along the "
+        "calibration inputs' XᵀX, the default; the storage format is the same) or nearest (round to nearest, "
+        "the paper's)",
+    )
     dec.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.work")
     dec.add_argument("--costs", type=Path, default=None, help="reuse the cost table of an earlier checkpoint")
 
@@ -286,6 +294,8 @@ def cmd_decompose(args: argparse.Namespace) -> None:
         raise QpeftError(
             "--fisher, --no-fisher and --fisher-elementwise are LQ-LoRA options: QWHA is initialised from activations"
         )
+    if args.method == "qwha" and args.rounding is not None:
+        raise QpeftError("--rounding is an LQ-LoRA option: QWHA's adapter is initialised against round-to-nearest Q")
     if args.no_fisher and args.fisher_elementwise:
         raise QpeftError("--fisher-elementwise needs a Fisher: drop --no-fisher")
     if args.alpha < 0:
@@ -296,7 +306,8 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     ensure_absent(args.out)
     if args.costs is not None and not args.costs.exists():
         raise QpeftError(f"--costs: {args.costs} does not exist")
-    if args.method == "qwha" or (not args.no_fisher and args.fisher is None):
+    rounding = args.rounding or "gptq"
+    if args.method == "qwha" or rounding == "gptq" or (not args.no_fisher and args.fisher is None):
         calibration_text(args.calib)
     device = init_distributed(args.device)
     model_dir = resolve_model(args.model)
@@ -312,7 +323,18 @@ def cmd_decompose(args: argparse.Namespace) -> None:
             fisher = fisher_for(args.fisher, names, args.fisher_elementwise)
         elif not args.no_fisher:
             fisher = _run_calibration(args, model_dir, device=device)[0]
-        method = LQLoRA(args.rank, fisher, args.seed, refine_iters=args.refine_iters, refine=args.refine)
+        grams = None
+        if rounding == "gptq":
+            grams = calibrate_activations(model_dir, targets, *calib, device, args.calib_dtype)[0]
+        method = LQLoRA(
+            args.rank,
+            fisher,
+            args.seed,
+            refine_iters=args.refine_iters,
+            refine=args.refine,
+            rounding=rounding,
+            grams=grams,
+        )
     manifest = decompose_model(
         model_dir, args.out, budget, method, targets, grid, device, args.resume, args.costs, args.model or "smollm2"
     )

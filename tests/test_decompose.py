@@ -36,8 +36,9 @@ def decompose(capsys, model, out, *extra):
 def test_decompose_writes_a_checkpoint_that_eval_loads(tiny_model_dir, tiny_text_file, tmp_path, capsys):
     out = tmp_path / "lq"
     code, stdout, err = decompose(
-        capsys, tiny_model_dir, out, "--budget", "3bits", "--rank", 4, "--no-fisher", "--configs", SMALL_GRID
-    )
+        capsys, tiny_model_dir, out, "--budget", "3bits", "--rank", 4, "--no-fisher", "--rounding", "nearest",
+        "--configs", SMALL_GRID,
+    )  # fmt: skip
     assert code == 0, err
     assert "q_proj" in stdout and "with the adapter" in stdout
     manifest = read_manifest(out)
@@ -70,6 +71,8 @@ def test_decompose_writes_a_checkpoint_that_eval_loads(tiny_model_dir, tiny_text
         "--rank",
         4,
         "--no-fisher",
+        "--rounding",
+        "nearest",
         "--configs",
         SMALL_GRID,
         "--costs",
@@ -109,6 +112,42 @@ def test_fisher_weighted_ilp_only(tiny_model_dir, tmp_path, capsys, monkeypatch)
     assert not any(".adapter." in key for key in manifest["weight_map"])
 
 
+def test_gptq_rounding_lowers_the_output_error(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The default rounding (gptq) gives Q a lower output error ‖(W − Ŵ)X‖² on the
+    calibration inputs than round-to-nearest, with the same configs; the
+    rounding is recorded in the manifest, and a cost table is reusable across it."""
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
+    calib = ["--calib-sequences", 4, "--calib-seqlen", 32]
+    argv = ["--budget", "3", "--rank", 2, "--configs", SMALL_GRID, *calib]
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "gptq", *argv)
+    assert code == 0, err
+    code, _, err = decompose(
+        capsys, tiny_model_dir, tmp_path / "nearest", *argv, "--rounding", "nearest", "--costs", tmp_path / "gptq"
+    )
+    assert code == 0, err
+    gptq, nearest = read_manifest(tmp_path / "gptq"), read_manifest(tmp_path / "nearest")
+    assert gptq["settings"]["split"]["rounding"] == "gptq" and gptq["grams"]["sequences"] == 4
+    assert nearest["settings"]["split"] == {"rounding": "nearest", "grams": None}
+    assert {n: e["config"] for n, e in gptq["quantized"].items()} == {
+        n: e["config"] for n, e in nearest["quantized"].items()
+    }
+    grams = calibrate_activations(tiny_model_dir, DEFAULT_TARGETS, num_sequences=4, seqlen=32)[0]
+    errors = {}
+    for how in ("gptq", "nearest"):
+        model = load_checkpoint(tmp_path / how)
+        errors[how] = {}
+        for name in gptq["quantized"]:
+            layer = model.get_submodule(name)
+            with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as handle:
+                weight = handle.get_tensor(f"{name}.weight").double()
+            delta = weight - (layer.dequantized_weight() + layer.adapter.delta_weight()).double()
+            errors[how][name] = float(((delta @ grams.gram(name)) * delta).sum())
+    assert sum(errors["gptq"].values()) < 0.8 * sum(errors["nearest"].values())
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "q", "--method", "qwha", "--config", "nf3", "--rank",
+                             2, "--rounding", "gptq")  # fmt: skip
+    assert_one_line_error(code, err, "--rounding is an LQ-LoRA option")
+
+
 def test_decompose_errors(tiny_model_dir, tmp_path, capsys):
     code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "a", "--budget", "1.5")
     assert_one_line_error(code, err, "budget 1.5 bits/param is infeasible: the configs allow averages from 2.0")
@@ -123,7 +162,9 @@ def test_decompose_errors(tiny_model_dir, tmp_path, capsys):
     work = tmp_path / "b.work"
     work.mkdir()
     (work / "costs-0.jsonl").write_text('{"name": "x", "shape": [1, 1], "costs": [1.0]}\n')
-    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "b", "--budget", "3", "--no-fisher")
+    code, _, err = decompose(
+        capsys, tiny_model_dir, tmp_path / "b", "--budget", "3", "--no-fisher", "--rounding", "nearest"
+    )
     assert_one_line_error(code, err, "holds an interrupted run (1 matrices costed): pass --resume to continue it")
 
 
@@ -136,7 +177,7 @@ SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def test_resume_after_a_kill_recomputes_nothing_finished(tiny_model_dir, tmp_path, capsys):
-    args = ["--budget", "3", "--rank", 4, "--no-fisher", "--configs", "lqlora"]
+    args = ["--budget", "3", "--rank", 4, "--no-fisher", "--rounding", "nearest", "--configs", "lqlora"]
     out = tmp_path / "killed"
     shard = Path(f"{out}.work") / "costs-0.jsonl"
     proc = subprocess.Popen(
@@ -189,7 +230,7 @@ def _torchrun(*argv, env=SUBPROCESS_ENV) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_split_the_cost_table(tiny_model_dir, tmp_path):
-    args = ["--budget", "3", "--rank", 4, "--no-fisher", "--configs", SMALL_GRID]
+    args = ["--budget", "3", "--rank", 4, "--no-fisher", "--rounding", "nearest", "--configs", SMALL_GRID]
     out = tmp_path / "two"
     result = _torchrun("decompose", tiny_model_dir, "--out", out, *args)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -78,7 +78,7 @@ def test_mixed_configs_are_requantized_with_their_error_reported(tiny_model_dir,
 
     code, _, err = run(
         capsys, "decompose", tiny_model_dir, "--out", tmp_path / "lq", "--budget", "3", "--rank", 2,
-        "--no-fisher", "--configs", SMALL_GRID,
+        "--no-fisher", "--rounding", "nearest", "--configs", SMALL_GRID,
     )  # fmt: skip
     assert code == 0, err
     code, stdout, err = run(capsys, "export", tmp_path / "lq", "--to", "hf-bnb", "--out", tmp_path / "hf")

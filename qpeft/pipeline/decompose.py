@@ -68,8 +68,8 @@ class DecomposeSettings:
 
 
 def method_settings(method: Method) -> dict[str, Any]:
-    """What of a method changes its costs: its parameters, and its calibration's
-    settings (not how long or where the calibration ran)."""
+    """A method's parameters and its calibration's settings (not how long or where
+    the calibration ran): all but its `split_only` ones change its costs."""
     out: dict[str, Any] = {}
     for key, value in method.__dict__.items():
         if isinstance(value, FisherStats | InputGrams):
@@ -386,8 +386,10 @@ def decompose_model(
     started = time.perf_counter()
     weights = SafetensorsWeights(model_dir)
     names, numel = plan_matrices(model_dir, targets, grid, budget)
+    calibration = method_settings(method)
+    costed = {k: v for k, v in calibration.items() if k not in method.split_only}
     settings = DecomposeSettings(
-        model_fingerprint(model_dir), list(targets), [c.name for c in grid], method.name, method_settings(method)
+        model_fingerprint(model_dir), list(targets), [c.name for c in grid], method.name, costed
     )
     work = work_dir_for(out_dir)
     if len(grid) == 1:  # one config for every matrix: nothing to allocate
@@ -426,7 +428,6 @@ def decompose_model(
         entry = _split_matrix(tensor.to(device), chosen[name], method, name, writer)
         return entry | ({"table_cost": table_cost[name]} if len(grid) > 1 else {})
 
-    calibration = method_settings(method)
     with atomic_directory(out_dir) as tmp:
         copy_model_files(model_dir, tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
@@ -448,7 +449,8 @@ def decompose_model(
             "method": method.name,
             "base_model": {"path": str(model_dir), "source": source or str(model_dir), "fingerprint": settings.model},
             "targets": list(targets),
-            "settings": settings.as_dict() | {"budget": budget, "grid_size": len(grid)},
+            "settings": settings.as_dict()
+            | {"budget": budget, "grid_size": len(grid), "split": {k: calibration[k] for k in method.split_only}},
             **{key: getattr(getattr(method, key, None), "metadata", None) for key in CALIBRATIONS},
             "quantized": matrices,
             "summary": summary,

@@ -3,14 +3,16 @@ candidate config (the cost table) and split under its chosen config (W ≈ Q + �
 
 A method is a class with `costs(name, weight, grid)` and `split(name, weight,
 config)`, registered in METHODS; the pipeline (`qpeft.pipeline.decompose`) streams
-the matrices, runs the ILP and writes the checkpoint for all of them alike.
+the matrices, runs the ILP and writes the checkpoint for all of them alike. Fields
+named in its `split_only` change the split but not the costs, so a cost table can be
+reused across them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -20,11 +22,14 @@ from qpeft.calibration.activations import InputGrams
 from qpeft.calibration.fisher import FisherStats
 from qpeft.decompose.lqlora import lq_decompose, weighted_error
 from qpeft.decompose.qwha import QWHASolver, parameter_count
+from qpeft.errors import QpeftError
 from qpeft.modules.adapters import LowRankAdapter, WHTAdapter
 from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize
+from qpeft.quant.gptq import gptq_quantize
 from qpeft.transforms.hadamard import walsh_hadamard
 
 ADAPTER_DTYPE = torch.bfloat16  # L1/L2 and WHT values are stored (and trained) in bf16
+ROUNDINGS = ("nearest", "gptq")  # how LQ-LoRA chooses the codes of Q at the split
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Method(Protocol):
 
     name: str
     rank: int
+    split_only: ClassVar[tuple[str, ...]]
 
     def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray: ...
 
@@ -51,7 +57,11 @@ class Method(Protocol):
 
 @dataclass
 class LQLoRA:
-    """W ≈ Q + L1·L2 by alternation, Fisher-weighted when a Fisher is given (LQ-LoRA)."""
+    """W ≈ Q + L1·L2 by alternation, Fisher-weighted when a Fisher is given (LQ-LoRA).
+
+    `rounding` = "gptq" re-rounds the final Q = quant(W − L1·L2) with error feedback
+    along the inputs' XᵀX (`qpeft.quant.gptq`, needs `grams`), keeping the scales and
+    L1·L2 of the alternation; the costs stay those of round-to-nearest."""
 
     rank: int
     fisher: FisherStats | None = None
@@ -60,7 +70,16 @@ class LQLoRA:
     rel_tol: float = 1e-3
     refine_iters: int = 5
     refine: str = "hull"  # the configs of each matrix whose costs get refined: hull or front
+    rounding: str = "nearest"
+    grams: InputGrams | None = None  # XᵀX per layer input, for gptq rounding
     name = "lqlora"
+    split_only: ClassVar[tuple[str, ...]] = ("rounding", "grams")
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise QpeftError(f"unknown rounding {self.rounding!r}: choose {' or '.join(ROUNDINGS)}")
+        if self.rounding == "gptq" and self.grams is None:
+            raise QpeftError("gptq rounding needs the calibration activations (XᵀX)")
 
     def _weights(self, name: str, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.fisher is None:
@@ -93,8 +112,12 @@ class LQLoRA:
             rows, cols = weight.shape
             split.adapter = LowRankAdapter(cols, rows, self.rank, weight.device, ADAPTER_DTYPE)
             split.adapter.load_state_dict({"left": result.left, "right": result.right})
+        if self.rounding == "gptq":
+            # round what Q must carry given L1·L2 as stored (bf16)
+            target = weight if split.adapter is None else weight - split.adapter.delta_weight()
+            split.quantized = gptq_quantize(target, config, self.grams.gram(name))
         if row is not None:
-            diff = weight - dequantize(result.quantized)
+            diff = weight - dequantize(split.quantized)
             if split.adapter is not None:
                 diff -= split.adapter.delta_weight()
             split.report["weighted_rel_error"] = weighted_error(diff, row, col) / (
@@ -113,6 +136,7 @@ class QWHA:
     alpha: float = 1.0
     refine: str = "hull"  # the configs of each matrix given an exact init: hull or front
     name = "qwha"
+    split_only: ClassVar[tuple[str, ...]] = ()
 
     def _solver(self, name: str, device: torch.device) -> QWHASolver:
         moment = self.grams.second_moment(name).to(device)
