@@ -26,7 +26,7 @@ import torch
 
 from qpeft.errors import QpeftError
 from qpeft.quant.blockwise import QuantizedTensor, normalized_blocks, pack_quantized, simulated_scales
-from qpeft.quant.codebooks import nearest_level, nf_codebook
+from qpeft.quant.codebooks import nf_codebook
 from qpeft.quant.config import QuantConfig
 
 GPTQ_DAMPING = 0.01  # × mean diag(H), GPTQ's default
@@ -73,16 +73,19 @@ def gptq_quantize(
     w_t, scales_t, inverse_t = (m.T[order].contiguous() for m in (w, scales, inverse_scales))
     factor = inverse_hessian_factor(h[order][:, order], damping)
     codebook = nf_codebook(config.bits, w.device)
+    # bucketize on the midpoints: nearest_level's codes (ties go down) in one op per column
+    midpoints = (codebook[:-1] + codebook[1:]) / 2
     codes_t = torch.empty(cols, rows, dtype=torch.int32, device=w.device)
     for start in range(0, cols, block_columns):
         end = min(start + block_columns, cols)
         errors = w_t.new_empty(end - start, rows)
         for j in range(start, end):
             column = w_t[j]
-            code = nearest_level(torch.clamp(column * inverse_t[j], -1, 1), codebook)
+            code = torch.bucketize(torch.clamp(column * inverse_t[j], -1, 1), midpoints, out_int32=True)
             codes_t[j] = code
-            error = (column - codebook[code] * scales_t[j]) / factor[j, j]
-            w_t[j + 1 : end] -= factor[j, j + 1 : end].unsqueeze(1) * error.unsqueeze(0)
-            errors[j - start] = error
-        w_t[end:] -= factor[start:end, end:].T @ errors
+            error = errors[j - start]
+            torch.sub(column, codebook[code] * scales_t[j], out=error)
+            error.div_(factor[j, j])
+            w_t[j + 1 : end].addr_(factor[j, j + 1 : end], error, alpha=-1)
+        w_t[end:].addmm_(factor[start:end, end:].T, errors, alpha=-1)
     return pack_quantized(codes_t[torch.argsort(order)].T, absmax, config, (rows, cols))
