@@ -238,7 +238,13 @@ def _check_calib(args: argparse.Namespace) -> None:
         raise QpeftError("--calib-seqlen must be at least 2 tokens")
 
 
-def _run_calibration(args: argparse.Namespace, model_dir: Path, out: Path | None = None, device: str | None = None):
+def _run_calibration(
+    args: argparse.Namespace,
+    model_dir: Path,
+    out: Path | None = None,
+    device: str | None = None,
+    activations: bool = False,
+):
     from qpeft.pipeline.calibrate import calibrate
 
     return calibrate(
@@ -253,6 +259,7 @@ def _run_calibration(args: argparse.Namespace, model_dir: Path, out: Path | None
         args.calib_dtype,
         out,
         args.fisher_elementwise,
+        activations,
     )
 
 
@@ -322,7 +329,8 @@ def cmd_decompose(args: argparse.Namespace) -> None:
         if args.fisher is not None:
             fisher = fisher_for(args.fisher, names, args.fisher_elementwise)
         elif not args.no_fisher:
-            fisher = _run_calibration(args, model_dir, device=device)[0]
+            # gptq rounding also needs the inputs' XᵀX: collected in the Fisher's pass
+            fisher = _run_calibration(args, model_dir, device=device, activations=rounding == "gptq")[0]
         grams = None
         if rounding == "gptq":
             grams = calibrate_activations(model_dir, targets, *calib, device, args.calib_dtype)[0]

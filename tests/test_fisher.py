@@ -100,3 +100,26 @@ def test_calibrate_caches_by_settings(tiny_model_dir, tmp_path, monkeypatch):
     assert all(torch.equal(again.row_mean[n], first.row_mean[n]) for n in first.row_mean)
     _, other_path, hit = calibrate(tiny_model_dir, ["q_proj", "down_proj"], num_sequences=2, seqlen=16, seed=1)
     assert not hit and other_path != path
+
+
+def test_fisher_pass_also_collects_the_grams(tiny_model_dir, tmp_path, monkeypatch):
+    """calibrate(activations=True) caches the XᵀX of the layer inputs from the Fisher's
+    forward sweep: calibrate_activations then finds it, and it equals the Grams of
+    their own sweep; the Fisher is the one calibrate gives alone (the backward sweep
+    re-runs the layers without adding to the Grams)."""
+    from qpeft.pipeline.calibrate import calibrate, calibrate_activations
+
+    targets, sizes = ["q_proj", "k_proj", "down_proj"], {"num_sequences": 3, "seqlen": 16}
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "together"))
+    fisher, _, hit = calibrate(tiny_model_dir, targets, activations=True, **sizes)
+    grams, grams_hit = calibrate_activations(tiny_model_dir, targets, **sizes)
+    assert not hit and grams_hit and grams.tokens == 3 * 16
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "apart"))
+    alone, _, _ = calibrate(tiny_model_dir, targets, **sizes)
+    own, own_hit = calibrate_activations(tiny_model_dir, targets, **sizes)
+    assert not own_hit and own.owner == grams.owner and set(own.grams) == set(grams.grams)
+    for key in own.grams:
+        torch.testing.assert_close(grams.grams[key], own.grams[key], rtol=1e-6, atol=0)
+    for name in alone.row_mean:
+        assert torch.equal(fisher.row_mean[name], alone.row_mean[name])
+        assert torch.equal(fisher.col_mean[name], alone.col_mean[name])

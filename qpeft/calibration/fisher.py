@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,17 +93,21 @@ def empirical_fisher(
     batch_size: int = 1,
     progress: bool = True,
     elementwise: bool = False,
+    on_forward_layer: Callable[[int], None] | None = None,
 ) -> FisherStats:
     """Fisher row/column means (and with `elementwise` the full diagonal) of the
     linear layers `names` of a causal LM streamed layer by layer, over the rows of
-    `batches` (num_sequences × seqlen token ids)."""
+    `batches` (num_sequences × seqlen token ids). `on_forward_layer(i)` runs after
+    layer i has seen every sequence in the forward sweep (e.g. a `GramCollector`'s)."""
     modules = {name: lm.model.get_submodule(name) for name in names}
     for name, module in modules.items():
         if not isinstance(module, nn.Linear):
             raise QpeftError(f"{name} is not a linear layer")
     accumulators = _PerSequenceGradients(modules, lm.device, elementwise)
     try:
-        states = lm.forward_sweep(batches, batch_size, keep=True, progress="fisher forward" if progress else None)
+        states = lm.forward_sweep(
+            batches, batch_size, keep=True, on_layer=on_forward_layer, progress="fisher forward" if progress else None
+        )
         grad = lm.sequence_loss_grad(states[-1], batches, batch_size)
         lm.backward_sweep(states, grad, batch_size, progress="fisher backward" if progress else None)
     finally:

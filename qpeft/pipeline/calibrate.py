@@ -1,4 +1,4 @@
-"""Fisher calibration of a model, cached by model + data + settings."""
+"""Calibration of a model (the Fisher, the layer inputs' XᵀX), cached by model + data + settings."""
 
 from __future__ import annotations
 
@@ -7,11 +7,19 @@ import shutil
 import struct
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from calib.batches import calibration_batches, calibration_text
-from qpeft.calibration.activations import InputGrams, all_reduce_grams, input_grams, load_grams, save_grams
+from qpeft.calibration.activations import (
+    GramCollector,
+    InputGrams,
+    all_reduce_grams,
+    input_grams,
+    load_grams,
+    save_grams,
+)
 from qpeft.calibration.fisher import (
     FisherStats,
     all_reduce_fisher,
@@ -72,46 +80,79 @@ def _model_and_batches(model_dir: Path, settings: dict[str, Any], text: str, dev
     return LayerwiseLM(model_dir, TORCH_DTYPES[settings["dtype"]], device), batches
 
 
+@dataclass(frozen=True)
+class _Statistic:
+    """One kind of calibration result and its cache file ($QPEFT_CACHE/KIND/, keyed by
+    `settings`)."""
+
+    kind: str
+    settings: dict[str, Any]
+    load: Callable[[Path], Any]
+    save: Callable[[Path, Any], None]
+    reduce: Callable[[Any, str], Any]
+
+    @property
+    def file(self) -> Path:
+        return cache_dir() / self.kind / f"{settings_key(self.settings)}.safetensors"
+
+
 def _cached_statistics(
-    kind: str,
+    statistics: Sequence[_Statistic],
     model_dir: Path,
     targets: Sequence[str],
-    settings: dict[str, Any],
     text: str,
     device: str,
-    compute: Callable[[Any, list[str], Any], Any],
-    load: Callable[[Path], Any],
-    save: Callable[[Path, Any], None],
-    reduce: Callable[[Any, str], Any],
-) -> tuple[Any, Path, bool]:
-    """(statistics, cache file, whether it was a hit) of one kind ($QPEFT_CACHE/KIND/,
-    keyed by `settings`): loaded, or computed by compute(layer-wise model, layer names,
-    batches) and saved with the settings and run time as its metadata.
+    compute: Callable[[Any, list[str], Any, set[str]], dict[str, Any]],
+) -> list[tuple[Any, Path, bool]]:
+    """(statistics, cache file, whether it was a hit) of each kind: loaded, or the
+    missing kinds computed together by compute(layer-wise model, layer names,
+    batches, kinds) and saved with their settings and run time as metadata. The
+    kinds share the batches: their settings agree on the data, sequences and dtype.
 
     In a torch.distributed run every process computes a share of the sequences
     (rank k takes rows k, k + world, …), `reduce` combines the shares, and rank 0
-    writes the file that all then read: two 1-thread CPU processes get through the
+    writes the files that all then read: two 1-thread CPU processes get through the
     calibration faster than one with both threads. The cache directory must be shared."""
     rank, world = rank_and_world()
-    cached = cache_dir() / kind / f"{settings_key(settings)}.safetensors"
-    hit = cached.is_file()
-    barrier()  # every process has looked before rank 0 may write it
-    if hit:
-        return load(cached), cached, True
-    lm, batches = _model_and_batches(model_dir, settings, text, device)
-    if batches.shape[0] < world:
-        raise QpeftError(f"{batches.shape[0]} calibration sequences cannot be shared by {world} processes")
-    start = time.perf_counter()
-    stats = compute(lm, select_linear(lm.model, targets), batches[rank::world])
-    del lm
-    if world > 1:
-        stats = reduce(stats, device)
-    metadata = {**settings, "seconds": round(time.perf_counter() - start, 1), "device": device}
-    stats.metadata = metadata | ({"processes": world} if world > 1 else {})
-    if rank == 0:
-        save(cached, stats)
-    barrier()
-    return load(cached), cached, False  # as a hit would: the Grams then come from the file one at a time
+    hits = [s.file.is_file() for s in statistics]
+    barrier()  # every process has looked before rank 0 may write
+    missing = [s for s, hit in zip(statistics, hits, strict=True) if not hit]
+    if missing:
+        lm, batches = _model_and_batches(model_dir, missing[0].settings, text, device)
+        if batches.shape[0] < world:
+            raise QpeftError(f"{batches.shape[0]} calibration sequences cannot be shared by {world} processes")
+        start = time.perf_counter()
+        results = compute(lm, select_linear(lm.model, targets), batches[rank::world], {s.kind for s in missing})
+        del lm
+        seconds = round(time.perf_counter() - start, 1)  # of the shared pass when there are several kinds
+        for statistic in missing:
+            stats = results[statistic.kind]
+            if world > 1:
+                stats = statistic.reduce(stats, device)
+            metadata = {**statistic.settings, "seconds": seconds, "device": device}
+            stats.metadata = metadata | ({"processes": world} if world > 1 else {})
+            if rank == 0:
+                statistic.save(statistic.file, stats)
+        barrier()
+    # loaded as a hit would be: the Grams then come from the file one at a time
+    return [(s.load(s.file), s.file, hit) for s, hit in zip(statistics, hits, strict=True)]
+
+
+def _calibration_pass(
+    lm: Any, names: list[str], batches: Any, kinds: set[str], batch_size: int, elementwise: bool
+) -> dict[str, Any]:
+    """The Fisher and/or the XᵀX of the layer inputs; both from one forward sweep when
+    both are wanted (the Fisher's own, whose layer inputs are the Grams')."""
+    if "fisher" not in kinds:
+        return {"activations": input_grams(lm, names, batches, batch_size)}
+    collector = GramCollector(lm, names) if "activations" in kinds else None
+    try:
+        on_layer = None if collector is None else collector.layer_done
+        fisher = empirical_fisher(lm, names, batches, batch_size, elementwise=elementwise, on_forward_layer=on_layer)
+    finally:
+        if collector is not None:
+            collector.remove()
+    return {"fisher": fisher} | ({} if collector is None else {"activations": collector.result(batches)})
 
 
 def calibrate(
@@ -126,25 +167,29 @@ def calibrate(
     dtype: str = "fp32",
     out: Path | None = None,
     elementwise: bool = False,
+    activations: bool = False,
 ) -> tuple[FisherStats, Path, bool]:
     """Fisher statistics of the selected layers: (stats, file, whether it came from
     the cache). The cache ($QPEFT_CACHE/fisher) is keyed by everything that changes
-    the result; `out` also gets a copy. `elementwise` keeps the full diagonal too."""
+    the result; `out` also gets a copy. `elementwise` keeps the full diagonal too.
+    With `activations` the XᵀX that `calibrate_activations` gives for the same
+    settings is collected in the Fisher's forward sweep and cached, saving its own
+    sweep."""
     settings, text = _settings(model_dir, targets, data, num_sequences, seqlen, seed, dtype)
+    statistics = [_Statistic("fisher", dict(settings), load_fisher, save_fisher, all_reduce_fisher)]
     if elementwise:  # only then, so that the row/column-only cache keys stay as they were
-        settings["elementwise"] = True
-    stats, cached, hit = _cached_statistics(
-        "fisher",
+        statistics[0].settings["elementwise"] = True
+    if activations:
+        statistics.append(_Statistic("activations", settings, load_grams, save_grams, all_reduce_grams))
+    results = _cached_statistics(
+        statistics,
         model_dir,
         targets,
-        settings,
         text,
         device,
-        lambda model, names, batches: empirical_fisher(model, names, batches, batch_size, elementwise=elementwise),
-        load_fisher,
-        save_fisher,
-        all_reduce_fisher,
+        lambda model, names, batches, kinds: _calibration_pass(model, names, batches, kinds, batch_size, elementwise),
     )
+    stats, cached, hit = results[0]
     if out is not None and Path(out).resolve() != cached.resolve():
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cached, out)
@@ -166,17 +211,14 @@ def calibrate_activations(
     Fisher (same settings, same sequences): (grams, whether from the cache
     $QPEFT_CACHE/activations)."""
     settings, text = _settings(model_dir, targets, data, num_sequences, seqlen, seed, dtype)
-    grams, _, hit = _cached_statistics(
-        "activations",
+    statistic = _Statistic("activations", settings, load_grams, save_grams, all_reduce_grams)
+    ((grams, _, hit),) = _cached_statistics(
+        [statistic],
         model_dir,
         targets,
-        settings,
         text,
         device,
-        lambda model, names, batches: input_grams(model, names, batches, batch_size),
-        load_grams,
-        save_grams,
-        all_reduce_grams,
+        lambda model, names, batches, kinds: _calibration_pass(model, names, batches, kinds, batch_size, False),
     )
     return grams, hit
 
