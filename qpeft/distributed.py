@@ -1,9 +1,11 @@
 """The torch.distributed group of a run launched by torchrun / accelerate launch: who
-this process is, and the few collectives the pipeline needs (CPU gloo or CUDA NCCL)."""
+this process is, and the few collectives and messages the pipeline needs (CPU gloo or
+CUDA NCCL)."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -40,3 +42,29 @@ def all_reduce_sum(tensor: torch.Tensor, device: str | torch.device) -> torch.Te
     work = tensor.to(device, copy=True)
     torch.distributed.all_reduce(work)
     return work.to(tensor.device)
+
+
+def broadcast_object(obj: Any, device: str | torch.device) -> Any:
+    """Rank 0's `obj` on every process (picklable; NCCL sends it through `device`)."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0, device=_object_device(device))
+    return box[0]
+
+
+def send_object(obj: Any, dst: int, device: str | torch.device) -> None:
+    """Send a picklable object (tensors on the CPU) to rank `dst`, which `receive_object`s it."""
+    torch.distributed.send_object_list([obj], dst=dst, device=_object_device(device))
+
+
+def receive_object(src: int, device: str | torch.device) -> Any:
+    box = [None]
+    torch.distributed.recv_object_list(box, src=src, device=_object_device(device))
+    return box[0]
+
+
+def _object_device(device: str | torch.device) -> torch.device | None:
+    """Where NCCL stages pickled objects (this process's GPU); None for gloo."""
+    device = torch.device(device)
+    return device if device.type == "cuda" else None

@@ -229,7 +229,7 @@ def _torchrun(*argv, env=SUBPROCESS_ENV) -> subprocess.CompletedProcess:
     )
 
 
-def test_two_processes_split_the_cost_table(tiny_model_dir, tmp_path):
+def test_two_processes_split_the_cost_table_and_the_split(tiny_model_dir, tmp_path):
     args = ["--budget", "3", "--rank", 4, "--no-fisher", "--rounding", "nearest", "--configs", SMALL_GRID]
     out = tmp_path / "two"
     result = _torchrun("decompose", tiny_model_dir, "--out", out, *args)
@@ -246,6 +246,10 @@ def test_two_processes_split_the_cost_table(tiny_model_dir, tmp_path):
     two = json.loads((out / "cost_table.json").read_text())["matrices"]
     one = json.loads((tmp_path / "one" / "cost_table.json").read_text())["matrices"]
     assert two == one
+    # the split is shared too (rank 1 sends its matrices to rank 0): the same checkpoint
+    single = read_manifest(tmp_path / "one")
+    assert manifest["quantized"] == single["quantized"]
+    assert manifest["checksums"]["tensors"] == single["checksums"]["tensors"]
 
 
 def test_two_processes_share_the_calibration(tiny_model_dir, tmp_path, monkeypatch):

@@ -46,12 +46,19 @@ class SafetensorsWeights:
         with safe_open(str(self.model_dir / self.weight_map[key]), framework="pt") as handle:
             return handle.get_tensor(key)
 
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """All tensors, shard by shard (each shard opened once)."""
+    def _by_shard(self) -> dict[str, list[str]]:
         by_shard: dict[str, list[str]] = {}
         for key, shard in self.weight_map.items():
             by_shard.setdefault(shard, []).append(key)
-        for shard, keys in by_shard.items():
+        return by_shard
+
+    def stream_order(self) -> list[str]:
+        """Every tensor name, in the order `items` yields them."""
+        return [key for keys in self._by_shard().values() for key in keys]
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """All tensors, shard by shard (each shard opened once)."""
+        for shard, keys in self._by_shard().items():
             with safe_open(str(self.model_dir / shard), framework="pt") as handle:
                 for key in keys:
                     yield key, handle.get_tensor(key)

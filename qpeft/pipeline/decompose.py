@@ -37,7 +37,7 @@ import qpeft
 from qpeft.allocation.ilp import Allocation, check_budget, ilp_allocate
 from qpeft.calibration.activations import InputGrams
 from qpeft.calibration.fisher import FisherStats
-from qpeft.distributed import barrier, rank_and_world
+from qpeft.distributed import barrier, broadcast_object, rank_and_world, receive_object, send_object
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory, atomic_file
 from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, stream_model, write_manifest
@@ -237,15 +237,15 @@ def lowrank_bits(rank: int, shape: tuple[int, int], nf8: bool) -> int:
 
 
 def _split_matrix(
-    weight: torch.Tensor, config: QuantConfig, method: Method, name: str, writer: ShardWriter
-) -> dict[str, Any]:
+    weight: torch.Tensor, config: QuantConfig, method: Method, name: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest entry of one matrix under its config, and its stored tensors (on
+    the CPU) by checkpoint key."""
     w = weight.float()
     split = method.split(name, w, config)
-    for part, value in split.quantized.tensors().items():
-        writer.add(f"{name}.{part}", value)
+    tensors = {f"{name}.{part}": value.cpu() for part, value in split.quantized.tensors().items()}
     adapter = {} if split.adapter is None else split.adapter.state_dict()
-    for part, value in adapter.items():
-        writer.add(f"{name}.adapter.{part}", value)
+    tensors |= {f"{name}.adapter.{part}": value.detach().cpu() for part, value in adapter.items()}
     recon = dequantize(split.quantized)
     if split.adapter is not None:
         recon += split.adapter.delta_weight()  # as stored
@@ -259,7 +259,15 @@ def _split_matrix(
         "adapter_params": sum(t.numel() for t in adapter.values() if t.is_floating_point()),
         "rel_error": float(torch.linalg.norm(w - recon)) / norm,
     }
-    return entry | split.report
+    return entry | split.report, tensors
+
+
+def split_owners(weights: SafetensorsWeights, names: Sequence[str], world: int) -> dict[str, int]:
+    """Which process splits each matrix: every world-th in the order rank 0 streams
+    the weights, so that the others' results reach it in the order it writes them."""
+    selected = {f"{n}.weight" for n in names}
+    streamed = [key.removesuffix(".weight") for key in weights.stream_order() if key in selected]
+    return {name: i % world for i, name in enumerate(streamed)}
 
 
 def summarise(matrices: dict[str, Any]) -> dict[str, float]:
@@ -394,8 +402,6 @@ def decompose_model(
     work = work_dir_for(out_dir)
     if len(grid) == 1:  # one config for every matrix: nothing to allocate
         table = CostTable(list(names), [], [grid[0].name], np.zeros((len(names), 1)), settings=settings.as_dict())
-        if rank_id != 0:
-            return None
     elif costs_from is not None:
         table = load_cost_table(costs_from, settings) if rank_id == 0 else None
     else:
@@ -403,29 +409,42 @@ def decompose_model(
             prepare_work_dir(work, settings, resume)
         barrier()
         table = compute_cost_table(model_dir, names, grid, settings, method, work, device)
-    if table is None:
-        return None
-    if table.names != list(names):
+    if rank_id == 0 and table.names != list(names):
         raise QpeftError("the cost table's matrices are not the selected ones")
 
+    # rank 0 solves the allocation; every process then splits a share of the matrices
     solve_start = time.perf_counter()
     bits = storage_bits_table(grid, numel)
-    if budget is None:
+    allocation = None
+    if rank_id == 0 and budget is None:
         average = float((bits[:, 0] * np.asarray(numel)).sum() / sum(numel))
         allocation = Allocation([0] * len(names), 0.0, average, len(names), "uniform")
-    else:
+    elif rank_id == 0:
         allocation = ilp_allocate(table.costs, bits, numel, budget)
     solve_seconds = time.perf_counter() - solve_start
-    chosen = {name: grid[j] for name, j in zip(names, allocation.choice, strict=True)}
+    choice = broadcast_object(None if allocation is None else allocation.choice, device)
+    chosen = {name: grid[j] for name, j in zip(names, choice, strict=True)}
+    owners = split_owners(weights, names, world)
+
+    write_start = time.perf_counter()
+    if rank_id != 0:  # send each split to rank 0, in the order it writes them
+        for name, owner in owners.items():
+            if owner == rank_id:
+                tensor = weights.tensor(f"{name}.weight").to(device)
+                send_object(_split_matrix(tensor, chosen[name], method, name), 0, device)
+        return None
     table_cost = {
         name: float(table.costs[i, j]) for i, (name, j) in enumerate(zip(names, allocation.choice, strict=True))
     }
-
-    write_start = time.perf_counter()
     selected = {f"{n}.weight": n for n in names}
 
     def split(name: str, tensor: torch.Tensor) -> dict[str, Any]:
-        entry = _split_matrix(tensor.to(device), chosen[name], method, name, writer)
+        if owners[name] == 0:
+            entry, tensors = _split_matrix(tensor.to(device), chosen[name], method, name)
+        else:
+            entry, tensors = receive_object(owners[name], device)
+        for key, value in tensors.items():
+            writer.add(key, value)
         return entry | ({"table_cost": table_cost[name]} if len(grid) > 1 else {})
 
     with atomic_directory(out_dir) as tmp:
