@@ -99,3 +99,12 @@ def test_gptq_errors():
     weight[0, 0] = float("nan")
     with pytest.raises(QpeftError, match="NaN or Inf"):
         gptq_quantize(weight, config, torch.eye(64))
+
+
+def test_lqlora_rounding_settings_are_checked():
+    from qpeft.pipeline.methods import LQLoRA
+
+    with pytest.raises(QpeftError, match="gptq rounding needs the calibration activations"):
+        LQLoRA(8, rounding="gptq")
+    with pytest.raises(QpeftError, match="unknown rounding 'stochastic': choose nearest or gptq"):
+        LQLoRA(8, rounding="stochastic")

@@ -59,9 +59,9 @@ class Method(Protocol):
 class LQLoRA:
     """W ≈ Q + L1·L2 by alternation, Fisher-weighted when a Fisher is given (LQ-LoRA).
 
-    `rounding` = "gptq" re-rounds the final Q = quant(W − L1·L2) with error feedback
-    along the inputs' XᵀX (`qpeft.quant.gptq`, needs `grams`), keeping the scales and
-    L1·L2 of the alternation; the costs stay those of round-to-nearest."""
+    `rounding` = "gptq" rounds the final Q = quant(W − L1·L2), L1·L2 the alternation's
+    best iterate as stored (bf16), with error feedback along the inputs' XᵀX
+    (`qpeft.quant.gptq`, needs `grams`); the costs stay those of round-to-nearest."""
 
     rank: int
     fisher: FisherStats | None = None
