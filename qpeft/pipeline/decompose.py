@@ -69,9 +69,12 @@ class DecomposeSettings:
 
 def method_settings(method: Method) -> dict[str, Any]:
     """A method's parameters and its calibration's settings (not how long or where
-    the calibration ran): all but its `split_only` ones change its costs."""
+    the calibration ran): all but its `split_only` ones change its costs. Private
+    fields (a leading underscore: caches) are not settings."""
     out: dict[str, Any] = {}
     for key, value in method.__dict__.items():
+        if key.startswith("_"):
+            continue
         if isinstance(value, FisherStats | InputGrams):
             value = {k: v for k, v in value.metadata.items() if k not in ("seconds", "device", "processes")}
         out[key] = value

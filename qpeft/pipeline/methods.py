@@ -25,7 +25,7 @@ from qpeft.decompose.qwha import QWHASolver, parameter_count
 from qpeft.errors import QpeftError
 from qpeft.modules.adapters import LowRankAdapter, WHTAdapter
 from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize
-from qpeft.quant.gptq import gptq_quantize
+from qpeft.quant.gptq import GPTQSolver
 from qpeft.transforms.hadamard import walsh_hadamard
 
 ADAPTER_DTYPE = torch.bfloat16  # L1/L2 and WHT values are stored (and trained) in bf16
@@ -72,6 +72,7 @@ class LQLoRA:
     refine: str = "hull"  # the configs of each matrix whose costs get refined: hull or front
     rounding: str = "nearest"
     grams: InputGrams | None = None  # XᵀX per layer input, for gptq rounding
+    _gptq_cache: tuple[str, GPTQSolver] | None = field(default=None, init=False, repr=False, compare=False)
     name = "lqlora"
     split_only: ClassVar[tuple[str, ...]] = ("rounding", "grams")
 
@@ -86,6 +87,14 @@ class LQLoRA:
             return None, None
         row, col = self.fisher.weights(name)
         return row.to(device), col.to(device)
+
+    def _gptq_solver(self, name: str, device: torch.device) -> GPTQSolver:
+        """The solver of the input `name` reads, kept for the next matrix that reads
+        it too (they come one after another: q, k, v; gate, up)."""
+        key = self.grams.owner.get(name, name)
+        if self._gptq_cache is None or self._gptq_cache[0] != key:
+            self._gptq_cache = (key, GPTQSolver(self.grams.gram(name).to(device)))
+        return self._gptq_cache[1]
 
     def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray:
         row, col = self._weights(name, weight.device)
@@ -115,7 +124,7 @@ class LQLoRA:
         if self.rounding == "gptq":
             # round what Q must carry given L1·L2 as stored (bf16)
             target = weight if split.adapter is None else weight - split.adapter.delta_weight()
-            split.quantized = gptq_quantize(target, config, self.grams.gram(name))
+            split.quantized = self._gptq_solver(name, weight.device).quantize(target, config)
         if row is not None:
             diff = weight - dequantize(split.quantized)
             if split.adapter is not None:

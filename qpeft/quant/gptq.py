@@ -48,6 +48,56 @@ def inverse_hessian_factor(gram: torch.Tensor, damping: float = GPTQ_DAMPING) ->
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
 
 
+class GPTQSolver:
+    """What GPTQ needs of one layer input, computed once for every matrix that reads it
+    (q/k/v, gate/up): the column order and U, the upper Cholesky factor of the
+    inverse of the damped XᵀX in that order."""
+
+    def __init__(self, gram: torch.Tensor, damping: float = GPTQ_DAMPING, act_order: bool = True) -> None:
+        self.columns = gram.shape[0]
+        diagonal = gram.diagonal()
+        self.order = (
+            torch.argsort(diagonal, descending=True) if act_order else torch.arange(self.columns, device=gram.device)
+        )
+        self.factor = inverse_hessian_factor(gram[self.order][:, self.order], damping)
+
+    def quantize(
+        self, weight: torch.Tensor, config: QuantConfig, block_columns: int = BLOCK_COLUMNS
+    ) -> QuantizedTensor:
+        """Quantize `weight` (d_out × d_in, on the solver's device) under `config`."""
+        if weight.dim() != 2 or weight.shape[1] != self.columns:
+            raise QpeftError(
+                f"a ({self.columns}, {self.columns}) input second moment does not fit a {tuple(weight.shape)} matrix"
+            )
+        rows, cols = weight.shape
+        w = weight.detach().float()
+        _, absmax, _ = normalized_blocks(w, config.bits, config.block_size)
+        if not torch.isfinite(absmax).all():
+            raise QpeftError("cannot quantize a tensor with NaN or Inf values")
+        scales = simulated_scales(absmax, config).repeat_interleave(config.block_size)[: rows * cols].view(rows, cols)
+        inverse_scales = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+        order, factor = self.order.to(w.device), self.factor.to(w.device)
+        # columns as contiguous rows of the transposed copies (the caller's weight is not written to)
+        w_t, scales_t, inverse_t = (m.T[order].contiguous() for m in (w, scales, inverse_scales))
+        codebook = nf_codebook(config.bits, w.device)
+        # bucketize on the midpoints: nearest_level's codes (ties go down) in one op per column
+        midpoints = (codebook[:-1] + codebook[1:]) / 2
+        codes_t = torch.empty(cols, rows, dtype=torch.int32, device=w.device)
+        for start in range(0, cols, block_columns):
+            end = min(start + block_columns, cols)
+            errors = w_t.new_empty(end - start, rows)
+            for j in range(start, end):
+                column = w_t[j]
+                code = torch.bucketize(torch.clamp(column * inverse_t[j], -1, 1), midpoints, out_int32=True)
+                codes_t[j] = code
+                error = errors[j - start]
+                torch.sub(column, codebook[code] * scales_t[j], out=error)
+                error.div_(factor[j, j])
+                w_t[j + 1 : end].addr_(factor[j, j + 1 : end], error, alpha=-1)
+            w_t[end:].addmm_(factor[start:end, end:].T, errors, alpha=-1)
+        return pack_quantized(codes_t[torch.argsort(order)].T, absmax, config, (rows, cols))
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     config: QuantConfig,
@@ -60,32 +110,4 @@ def gptq_quantize(
     along `gram` (d_in × d_in, XᵀX of the layer's inputs; any positive multiple)."""
     if weight.dim() != 2 or gram.shape != (weight.shape[1], weight.shape[1]):
         raise QpeftError(f"a {tuple(gram.shape)} input second moment does not fit a {tuple(weight.shape)} matrix")
-    rows, cols = weight.shape
-    w = weight.detach().float()
-    _, absmax, _ = normalized_blocks(w, config.bits, config.block_size)
-    if not torch.isfinite(absmax).all():
-        raise QpeftError("cannot quantize a tensor with NaN or Inf values")
-    scales = simulated_scales(absmax, config).repeat_interleave(config.block_size)[: rows * cols].view(rows, cols)
-    inverse_scales = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
-    h = gram.to(w.device)
-    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(cols, device=w.device)
-    # columns as contiguous rows of the transposed copies (the caller's weight is not written to)
-    w_t, scales_t, inverse_t = (m.T[order].contiguous() for m in (w, scales, inverse_scales))
-    factor = inverse_hessian_factor(h[order][:, order], damping)
-    codebook = nf_codebook(config.bits, w.device)
-    # bucketize on the midpoints: nearest_level's codes (ties go down) in one op per column
-    midpoints = (codebook[:-1] + codebook[1:]) / 2
-    codes_t = torch.empty(cols, rows, dtype=torch.int32, device=w.device)
-    for start in range(0, cols, block_columns):
-        end = min(start + block_columns, cols)
-        errors = w_t.new_empty(end - start, rows)
-        for j in range(start, end):
-            column = w_t[j]
-            code = torch.bucketize(torch.clamp(column * inverse_t[j], -1, 1), midpoints, out_int32=True)
-            codes_t[j] = code
-            error = errors[j - start]
-            torch.sub(column, codebook[code] * scales_t[j], out=error)
-            error.div_(factor[j, j])
-            w_t[j + 1 : end].addr_(factor[j, j + 1 : end], error, alpha=-1)
-        w_t[end:].addmm_(factor[start:end, end:].T, errors, alpha=-1)
-    return pack_quantized(codes_t[torch.argsort(order)].T, absmax, config, (rows, cols))
+    return GPTQSolver(gram.to(weight.device), damping, act_order).quantize(weight, config, block_columns)
