@@ -5,6 +5,8 @@ CUDA NCCL)."""
 from __future__ import annotations
 
 import os
+import pickle
+from collections import deque
 from typing import Any
 
 import torch
@@ -53,15 +55,46 @@ def broadcast_object(obj: Any, device: str | torch.device) -> Any:
     return box[0]
 
 
-def send_object(obj: Any, dst: int, device: str | torch.device) -> None:
-    """Send a picklable object (tensors on the CPU) to rank `dst`, which `receive_object`s it."""
-    torch.distributed.send_object_list([obj], dst=dst, device=_object_device(device))
+class ObjectSender:
+    """Sends picklable objects (tensors on the CPU) to rank `dst` without waiting for
+    each to be received, up to `window` in flight: the sender keeps working while the
+    receiver is busy. Object k goes with tags 2k and 2k + 1 (its size, its bytes),
+    matched by `receive_object(src, k)`."""
+
+    def __init__(self, dst: int, device: str | torch.device, window: int = 4) -> None:
+        self.dst, self.device, self.window = dst, _object_device(device), window
+        self.sent = 0
+        self.in_flight: deque[tuple[list[Any], tuple[torch.Tensor, torch.Tensor]]] = deque()
+
+    def send(self, obj: Any) -> None:
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.int64)
+        if self.device is not None:
+            data, size = data.to(self.device), size.to(self.device)
+        tag = 2 * self.sent
+        works = [torch.distributed.isend(size, self.dst, tag=tag), torch.distributed.isend(data, self.dst, tag=tag + 1)]
+        self.in_flight.append((works, (size, data)))  # the buffers live until sent
+        self.sent += 1
+        while len(self.in_flight) > self.window:
+            self._wait_oldest()
+
+    def close(self) -> None:
+        while self.in_flight:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        for work in self.in_flight.popleft()[0]:
+            work.wait()
 
 
-def receive_object(src: int, device: str | torch.device) -> Any:
-    box = [None]
-    torch.distributed.recv_object_list(box, src=src, device=_object_device(device))
-    return box[0]
+def receive_object(src: int, index: int, device: str | torch.device) -> Any:
+    """Object number `index` (counting from 0) that rank `src`'s `ObjectSender` sent."""
+    staging = _object_device(device) or torch.device("cpu")
+    size = torch.empty(1, dtype=torch.int64, device=staging)
+    torch.distributed.recv(size, src, tag=2 * index)
+    data = torch.empty(int(size.item()), dtype=torch.uint8, device=staging)
+    torch.distributed.recv(data, src, tag=2 * index + 1)
+    return pickle.loads(data.cpu().numpy().tobytes())
 
 
 def _object_device(device: str | torch.device) -> torch.device | None:

@@ -94,3 +94,14 @@ def test_generous_budget_takes_the_cheapest():
     costs = np.array([[3.0, 1.0], [2.0, 0.5]])
     allocation = ilp_allocate(costs, [2.0, 8.0], [100, 100], 9.0)
     assert allocation.choice == [1, 1]
+
+
+def test_balanced_shares_even_out_the_work():
+    from qpeft.pipeline.decompose import balanced_shares
+
+    sizes = [885, 331, 110, 110, 331, 885, 885] * 3
+    owners = balanced_shares(sizes, 2)
+    loads = [sum(s for s, o in zip(sizes, owners, strict=True) if o == r) for r in range(2)]
+    assert abs(loads[0] - loads[1]) <= 110 and set(owners) == {0, 1}
+    assert balanced_shares([5, 1, 1, 1, 1, 1], 2) == [0, 1, 1, 1, 1, 1]
+    assert balanced_shares([3, 2], 1) == [0, 0]
