@@ -176,9 +176,9 @@ def calibrate(
     settings is collected in the Fisher's forward sweep and cached, saving its own
     sweep."""
     settings, text = _settings(model_dir, targets, data, num_sequences, seqlen, seed, dtype)
-    statistics = [_Statistic("fisher", dict(settings), load_fisher, save_fisher, all_reduce_fisher)]
-    if elementwise:  # only then, so that the row/column-only cache keys stay as they were
-        statistics[0].settings["elementwise"] = True
+    # "elementwise" only when set, so that the row/column-only cache keys stay as they were
+    fisher_settings = settings | ({"elementwise": True} if elementwise else {})
+    statistics = [_Statistic("fisher", fisher_settings, load_fisher, save_fisher, all_reduce_fisher)]
     if activations:
         statistics.append(_Statistic("activations", settings, load_grams, save_grams, all_reduce_grams))
     results = _cached_statistics(

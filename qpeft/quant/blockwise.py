@@ -250,17 +250,22 @@ def dequantize_scales(qt: QuantizedTensor) -> torch.Tensor:
     )
 
 
+def absmax_blocks(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flattened fp32 input cut into zero-padded blocks (n, B0) and its exact block
+    absmaxes (n)."""
+    flat = weight.detach().reshape(-1)
+    numel = flat.numel()
+    blocks = _block_view(flat, 0, -(-numel // block_size), block_size, numel)
+    return blocks, blocks.abs().amax(dim=1)
+
+
 def normalized_blocks(
     weight: torch.Tensor, bits: int, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The flattened fp32 input cut into zero-padded blocks (n, B0), its exact block
     absmaxes (n) and the chosen codebook level of every value (n, B0): everything a
     config with these code bits and block size shares, whatever its scale format."""
-    flat = weight.detach().reshape(-1)
-    numel = flat.numel()
-    num_blocks = -(-numel // block_size)
-    blocks = _block_view(flat, 0, num_blocks, block_size, numel)
-    absmax = blocks.abs().amax(dim=1)
+    blocks, absmax = absmax_blocks(weight, block_size)
     codebook = nf_codebook(bits, blocks.device)
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
     levels = codebook.index_select(0, nearest_level(scaled.view(-1), codebook).view(-1)).view_as(blocks)
