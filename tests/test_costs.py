@@ -162,3 +162,32 @@ def test_parse_grid():
         parse_grid("nf3,nf3-b64-s8x256-fp32")
     with pytest.raises(QpeftError, match="unknown quantization config 'nf5'"):
         parse_grid("nf5")
+
+
+def test_scale_dtype_siblings_share_one_fit_that_prices_each_validly(monkeypatch):
+    """One one-step fit per (bits, block, scale bits, scale block) serves the three
+    scale dtypes. Every cost stays that of a valid decomposition (at most the config's
+    own Q with L = 0), and at 3 bits, where the scale dtype barely moves Q, the siblings
+    priced on the fp16 member's fit cost what it costs."""
+    import qpeft.allocation.costs as costs_module
+
+    torch.manual_seed(5)
+    w = torch.randn(64, 128) * 0.02 + 0.01 * torch.randn(64, 3) @ torch.randn(3, 128)
+    r, c = torch.rand(64) + 0.5, torch.rand(128) + 0.5
+    grid = [g for g in lqlora_grid() if (g.bits, g.block_size) == (3, 32) and g.scale_bits in (4, 8)]
+    fits = []
+    fitted = costs_module.lowrank_factors
+
+    def counted(*args, **kwargs):
+        fits.append(args[0])
+        return fitted(*args, **kwargs)
+
+    monkeypatch.setattr(costs_module, "lowrank_factors", counted)
+    costs = matrix_costs(w, grid, 3, r, c, refine_iters=0)
+    assert len(grid) == 18 and len(fits) == 6
+    weights = element_weights(tuple(w.shape), r, c)
+    plain = np.array([float(((w - simulate(w, g)).square() * weights).sum()) for g in grid])
+    assert np.all(costs <= plain * (1 + 1e-6))
+    for j, config in enumerate(grid):
+        sibling = next(k for k, g in enumerate(grid) if g.scale_dtype == "fp16" and g.name.startswith(config.name[:-5]))
+        assert costs[j] == pytest.approx(costs[sibling], rel=0.01), config.name
