@@ -40,6 +40,12 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 # Elements per chunk of work: 1 Mi values, 4 MiB per fp32 temporary. Measured on
 # 2 CPU cores (4096x4096 bf16): faster than 256 Ki or 8 Mi chunks (cache-resident).
 DEFAULT_CHUNK = 1 << 20
+# Elements per chunk of `simulate` and `normalized_blocks`, the quantizer of the
+# LQ-LoRA searches: its ~10 passes then stay in a core's L2 cache (1 MiB here). Alone
+# on a 1536x576 matrix up to 2.2x faster than whole-matrix passes (16 Ki and 128 Ki
+# chunks were slower); within the SmolLM2 cost table 0.96-0.97x its time (1 thread,
+# 2-core EPYC VM, interleaved A/B, together with nearest_level's dense-part change).
+SEARCH_CHUNK = 1 << 16
 
 
 PART_NAMES = ("codes", "scales", "scale_scales", "scale_offset")
@@ -259,6 +265,22 @@ def absmax_blocks(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, 
     return blocks, blocks.abs().amax(dim=1)
 
 
+def _block_levels(
+    blocks: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None = None
+) -> torch.Tensor:
+    """codebook[nearest(clamp(x / absmax, -1, 1))] of every value (n, B0), times its
+    block's scale where `scales` are given, worked through in `SEARCH_CHUNK`s."""
+    inverse = 1.0 / absmax.clamp(min=1e-38)
+    out = torch.empty_like(blocks)
+    for start, end in _chunks(blocks.shape[0], blocks.shape[1], SEARCH_CHUNK):
+        scaled = torch.clamp(blocks[start:end] * inverse[start:end].unsqueeze(1), -1, 1)
+        levels = out[start:end]
+        torch.index_select(codebook, 0, nearest_level(scaled.view(-1), codebook), out=levels.view(-1))
+        if scales is not None:
+            levels.mul_(scales[start:end].unsqueeze(1))
+    return out
+
+
 def normalized_blocks(
     weight: torch.Tensor, bits: int, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,19 +288,19 @@ def normalized_blocks(
     absmaxes (n) and the chosen codebook level of every value (n, B0): everything a
     config with these code bits and block size shares, whatever its scale format."""
     blocks, absmax = absmax_blocks(weight, block_size)
-    codebook = nf_codebook(bits, blocks.device)
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
-    levels = codebook.index_select(0, nearest_level(scaled.view(-1), codebook).view(-1)).view_as(blocks)
-    return blocks, absmax, levels
+    return blocks, absmax, _block_levels(blocks, absmax, nf_codebook(bits, blocks.device))
 
 
 def simulate(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     """dequantize(quantize(weight, config)) in fp32, bit for bit, without packing:
     the fast path for searches that only need the quantized values."""
-    _, absmax, levels = normalized_blocks(weight, config.bits, config.block_size)
+    blocks, absmax = absmax_blocks(weight, config.block_size)
+    # amax propagates NaN and Inf, so the absmaxes cover every value
     if not torch.isfinite(absmax).all():
         raise QpeftError("cannot quantize a tensor with NaN or Inf values")
-    return scaled_levels(levels, absmax, config, weight.shape)
+    codebook = nf_codebook(config.bits, blocks.device)
+    values = _block_levels(blocks, absmax, codebook, simulated_scales(absmax, config)).view(-1)
+    return values[: weight.numel()].view(weight.shape)
 
 
 def scaled_levels(levels: torch.Tensor, absmax: torch.Tensor, config: QuantConfig, shape: torch.Size) -> torch.Tensor:

@@ -74,7 +74,8 @@ def uniform_codebook(bits: int, device: torch.device | str = "cpu") -> torch.Ten
 # and its neighbours hold at most one or two decision boundaries for every codebook
 # here (NF2..NF8, the uniform maps, the dynamic map's dense part is the exception).
 _TABLE_BINS = 4096
-# Above this many corrections per value, binary search (bucketize) is cheaper.
+# Correction steps taken for every value; values that still have boundaries to pass
+# after them (in the dynamic map's dense part near zero) go to binary search.
 _MAX_CORRECTIONS = 2
 
 
@@ -109,13 +110,17 @@ def nearest_level(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     table plus one or two exact comparisons finds it in the same time for every
     codebook size, where binary search grows with the levels (the hot loop of the
     LQ-LoRA cost table; tools/bench_nearest_level.py); bit for bit the same codes.
+    Only the values still short of their code after the comparisons (the dynamic
+    map's dense part near zero) take the binary search.
     """
     first, padded, low, bins_per_unit, corrections = _level_table(tuple(codebook.tolist()), str(x.device))
-    if corrections > _MAX_CORRECTIONS:
-        return torch.bucketize(x, padded[:-1], out_int32=True)
     flat = x.reshape(-1)
     bins = flat.sub(low).mul_(bins_per_unit).nan_to_num_(0.0).clamp_(0, _TABLE_BINS - 1).to(torch.int32)
     codes = first.index_select(0, bins)
-    for _ in range(corrections):
+    # each step moves a code up while x lies above its upper boundary, never past it
+    for _ in range(min(corrections, _MAX_CORRECTIONS)):
         codes += flat > padded.index_select(0, codes)
+    if corrections > _MAX_CORRECTIONS:
+        pending = (flat > padded.index_select(0, codes)).nonzero().squeeze(1)
+        codes[pending] = torch.bucketize(flat[pending], padded[:-1], out_int32=True)
     return codes.view(x.shape)
