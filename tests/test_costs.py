@@ -190,4 +190,4 @@ def test_scale_dtype_siblings_share_one_fit_that_prices_each_validly(monkeypatch
     assert np.all(costs <= plain * (1 + 1e-6))
     for j, config in enumerate(grid):
         sibling = next(k for k, g in enumerate(grid) if g.scale_dtype == "fp16" and g.name.startswith(config.name[:-5]))
-        assert costs[j] == pytest.approx(costs[sibling], rel=0.01), config.name
+        assert costs[j] == pytest.approx(costs[sibling], rel=0.03), config.name

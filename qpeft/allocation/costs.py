@@ -16,7 +16,9 @@ reference code need a GPU cluster. The work is shared instead:
   differ only in the block scales. One `normalized_blocks` pass per group gives
   every config's quantization of the same input;
 * the alternation runs once per group, cold, under the group's finest scale format
-  (its anchor);
+  (its anchor), its warm SVDs with one power iteration instead of two: 0.92–0.94×
+  the table's time, optimal allocations 0.03–0.15% costlier (42 SmolLM2 matrices,
+  budgets 2.5–6, interleaved A/B);
 * every config of the group then takes one step from the anchor: Q = quant(W − L1·L2)
   with its own scales, and the best rank-r fit of W − Q (a sketch started from the
   anchor's row space, no power iteration: 0.89× the time of one, optimal allocations
@@ -157,7 +159,15 @@ def matrix_costs(
         members = [configs[j] for j in group]
         generator = torch.Generator(device=w.device).manual_seed(seed)
         anchor = alternate(
-            w, lambda x, c=members[0]: simulate(x, c), rank, row_weight, col_weight, max_iters, rel_tol, generator
+            w,
+            lambda x, c=members[0]: simulate(x, c),
+            rank,
+            row_weight,
+            col_weight,
+            max_iters,
+            rel_tol,
+            generator,
+            warm_power_iters=1,
         )
         residual = w - anchor.left @ anchor.right if rank else w
         blocks, absmax, levels = normalized_blocks(residual, members[0].bits, members[0].block_size)
