@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -284,8 +285,10 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     from calib.batches import calibration_text
     from qpeft.allocation.grid import parse_grid
     from qpeft.allocation.ilp import parse_budget
+    from qpeft.calibration.activations import check_gram_memory
     from qpeft.distributed import init_distributed
     from qpeft.io.atomic import ensure_absent
+    from qpeft.models.loading import build_skeleton
     from qpeft.models.resolve import resolve_model
     from qpeft.pipeline.calibrate import calibrate_activations, fisher_for
     from qpeft.pipeline.decompose import decompose_model, format_type_table, plan_matrices
@@ -320,6 +323,16 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     model_dir = resolve_model(args.model)
     targets = _targets(args.targets)
     names, _ = plan_matrices(model_dir, targets, grid, budget)  # fail before the slow stages
+    if args.method == "qwha" or rounding == "gptq":
+        skeleton = build_skeleton(model_dir)
+        in_features = [skeleton.get_submodule(n).in_features for n in names]
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if args.method == "qwha":
+            check_gram_memory(in_features, processes, "QWHA's initialisation", "select fewer layers (--targets)")
+        else:
+            check_gram_memory(
+                in_features, processes, "gptq rounding", "use --rounding nearest (the paper's rounding, no XᵀX)"
+            )
     calib = (args.calib, args.calib_sequences, args.calib_seqlen, args.calib_seed, args.calib_batch_size)
     if args.method == "qwha":
         grams = calibrate_activations(model_dir, targets, *calib, device, args.calib_dtype)[0]

@@ -54,6 +54,33 @@ def damping_shift(gram: torch.Tensor, ratio: float = DAMPING) -> float:
     return ratio * float(gram.diagonal().mean())
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel can give without swapping (Linux MemAvailable), or
+    None where /proc/meminfo does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_gram_memory(in_features: Sequence[int], processes: int, needed_for: str, instead: str) -> None:
+    """Error before any slow stage when the XᵀX of the selected layers' inputs cannot
+    fit in memory: each of the `processes` on this machine holds all of them in fp64
+    (8·d_in² bytes per matrix; matrices that share an input share one, so this is an
+    upper bound) until the stage that uses them has run."""
+    needed = processes * sum(8 * d * d for d in in_features)
+    available = available_memory()
+    if available is not None and needed > available:
+        raise QpeftError(
+            f"{needed_for} keeps the XᵀX of every selected layer's input in memory, up to {needed / 2**30:.1f} GiB "
+            f"here ({processes} process(es) × fp64 d_in² per matrix), more than the {available / 2**30:.1f} GiB "
+            f"this machine has available; {instead}"
+        )
+
+
 def _add_upper_gram(accumulator: torch.Tensor, rows: torch.Tensor) -> None:
     """accumulator += the upper triangle of rowsᵀ·rows. The batch's product is formed
     in fp32 (~1e-6 relative over a sequence, far below the 1e-4 damping of any solve)
