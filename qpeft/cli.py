@@ -325,7 +325,7 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     names, _ = plan_matrices(model_dir, targets, grid, budget)  # fail before the slow stages
     if args.method == "qwha" or rounding == "gptq":
         skeleton = build_skeleton(model_dir)
-        in_features = [skeleton.get_submodule(n).in_features for n in names]
+        in_features = {n: skeleton.get_submodule(n).in_features for n in names}
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if args.method == "qwha":
             check_gram_memory(in_features, processes, "QWHA's initialisation", "select fewer layers (--targets)")

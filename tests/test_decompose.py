@@ -149,14 +149,15 @@ def test_gptq_rounding_lowers_the_output_error(tiny_model_dir, tmp_path, capsys,
 
 
 def test_grams_that_cannot_fit_in_memory_stop_before_the_slow_stages(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    """The bound counts 8·d_in² bytes per selected matrix and process; the error names
-    the way out, and nearest rounding, which needs no XᵀX, runs."""
+    """The bound counts 8·d_in² bytes per selected matrix of a decoder layer, and per
+    process; the error names the way out."""
     import qpeft.calibration.activations as activations
     from qpeft.models.loading import build_skeleton
     from qpeft.models.selection import select_linear
 
     skeleton = build_skeleton(tiny_model_dir)
-    bound = sum(8 * skeleton.get_submodule(n).in_features ** 2 for n in select_linear(skeleton, DEFAULT_TARGETS))
+    layer = [n for n in select_linear(skeleton, DEFAULT_TARGETS) if n.startswith("model.layers.0.")]
+    bound = sum(8 * skeleton.get_submodule(n).in_features ** 2 for n in layer)
     monkeypatch.setattr(activations, "available_memory", lambda: 2 * bound - 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
@@ -165,12 +166,12 @@ def test_grams_that_cannot_fit_in_memory_stop_before_the_slow_stages(tiny_model_
     assert_one_line_error(
         code,
         err,
-        f"gptq rounding keeps the XᵀX of every selected layer's input in memory, up to {2 * bound / 2**30:.1f} GiB "
+        f"gptq rounding sums the XᵀX of a decoder layer's inputs in memory, up to {2 * bound / 2**30:.1f} GiB "
         "here (2 process(es) × fp64 d_in² per matrix), more than the",
     )
     assert "use --rounding nearest (the paper's rounding, no XᵀX)" in err and not (tmp_path / "cache").exists()
     code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "q", "--method", "qwha", "--config", "nf3")
-    assert_one_line_error(code, err, "QWHA's initialisation keeps the XᵀX of every selected layer's input in memory")
+    assert_one_line_error(code, err, "QWHA's initialisation sums the XᵀX of a decoder layer's inputs in memory")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "b", *argv)
     assert code == 0, err

@@ -123,3 +123,50 @@ def test_fisher_pass_also_collects_the_grams(tiny_model_dir, tmp_path, monkeypat
     for name in alone.row_mean:
         assert torch.equal(fisher.row_mean[name], alone.row_mean[name])
         assert torch.equal(fisher.col_mean[name], alone.col_mean[name])
+
+
+def test_cached_grams_are_written_layer_by_layer_and_equal_the_sums(tiny_model_dir, tmp_path, monkeypatch):
+    """The cached XᵀX reach their directory as each decoder layer completes, and the
+    collector holds none once they are written; a crashed run's stray files are
+    cleared first; the cache reads back equal to an in-memory sweep over the same
+    batches."""
+    import qpeft.calibration.activations as activations
+    from qpeft.pipeline.calibrate import calibrate_activations
+
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
+    held, written = [], []
+    layer_done = activations.GramCollector.layer_done
+
+    def watched(self, index):
+        layer_done(self, index)
+        held.append(len(self.hooks.grams) + len(self.kept))
+        written.append(sorted(p.stem for p in self.spill.glob("*.safetensors")))
+
+    monkeypatch.setattr(activations.GramCollector, "layer_done", watched)
+    targets, sizes = ["q_proj", "k_proj", "o_proj", "down_proj"], {"num_sequences": 2, "seqlen": 16}
+    calibrate_activations(tiny_model_dir, targets, **sizes)
+    layers = len(written)
+    assert layers >= 2 and held == [0] * layers
+    assert [len(w) for w in written] == [3 * (i + 1) for i in range(layers)]  # q/k share, o, down
+    # a run that crashed before its description was written: its files are cleared
+    (index,) = (tmp_path / "cache" / "activations").glob("*.safetensors")
+    index.unlink()
+    (activations.grams_dir(index) / "stray.safetensors").write_bytes(b"partial")
+    monkeypatch.setattr(activations.GramCollector, "layer_done", layer_done)
+    grams, hit = calibrate_activations(tiny_model_dir, targets, **sizes)
+    files = sorted(activations.grams_dir(index).glob("*.safetensors"))
+    assert not hit and len(files) == 3 * layers and set(grams.grams) == {f.stem for f in files}
+
+    text, _ = calibration_text("wikitext2")
+    from transformers import AutoTokenizer
+
+    from qpeft.eval.perplexity import tokenize
+
+    ids = tokenize(AutoTokenizer.from_pretrained(tiny_model_dir), text)
+    batches = calibration_batches(ids, 2, 16, 0)
+    lm = LayerwiseLM(tiny_model_dir)
+    names = select_linear(lm.model, targets)
+    in_memory = activations.input_grams(lm, names, batches, progress=False)
+    assert in_memory.owner == grams.owner and grams.tokens == in_memory.tokens == 32
+    for key in in_memory.grams:
+        assert torch.equal(in_memory.grams[key], grams.grams[key])

@@ -6,21 +6,33 @@ layer at a time (`qpeft.calibration.stream`), and no backward. Layers that read 
 (q/k/v of an attention block, gate/up of an MLP) share one G: the first batch finds
 which by tensor identity, and later batches accumulate each shared input once. For
 SmolLM2 that is 4 matrices per decoder layer instead of 7 (0.8 GB in fp64).
+
+A cached activation file holds the description (which layer reads which input, the
+token count, the settings); the matrices are files of their own in the directory
+beside it (`grams_dir`), each written as soon as its decoder layer has seen every
+sequence, so that memory holds one decoder layer's G at a time (LLaMA-2-70B: 8 GB,
+against 650 GB for all of them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from scipy.linalg.blas import ssyrk
 from torch import nn
 
 from qpeft.calibration.stream import LayerwiseLM
+from qpeft.distributed import all_reduce_sum, rank_and_world
 from qpeft.errors import QpeftError
+from qpeft.io.atomic import atomic_file
 from qpeft.io.tagged import FileTensors, load_tagged, save_tagged
 
 METADATA_KEY = "qpeft_input_grams"
@@ -54,6 +66,40 @@ def damping_shift(gram: torch.Tensor, ratio: float = DAMPING) -> float:
     return ratio * float(gram.diagonal().mean())
 
 
+def grams_dir(path: Path) -> Path:
+    """The directory of the Gram matrices of the activation file `path`."""
+    return Path(path).with_suffix(".grams")
+
+
+def _write_gram(directory: Path, key: str, gram: torch.Tensor) -> None:
+    with atomic_file(directory / f"{key}.safetensors") as tmp:
+        save_file({"gram": gram.contiguous()}, str(tmp))
+
+
+class GramFiles(Mapping[str, torch.Tensor]):
+    """Gram matrices stored one per file in `directory` (input key → G), each read
+    when asked for."""
+
+    def __init__(self, directory: Path, keys: Sequence[str]) -> None:
+        self.directory, self.keys_ = Path(directory), list(keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.keys_:
+            raise KeyError(key)
+        path = self.directory / f"{key}.safetensors"
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor("gram")
+        except (OSError, ValueError) as exc:
+            raise QpeftError(f"cannot read the Gram matrix {path}: {exc}") from exc
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
 def available_memory() -> int | None:
     """Bytes of memory the kernel can give without swapping (Linux MemAvailable), or
     None where /proc/meminfo does not say."""
@@ -66,16 +112,21 @@ def available_memory() -> int | None:
     return None
 
 
-def check_gram_memory(in_features: Sequence[int], processes: int, needed_for: str, instead: str) -> None:
-    """Error before any slow stage when the XᵀX of the selected layers' inputs cannot
-    fit in memory: each of the `processes` on this machine holds all of them in fp64
-    (8·d_in² bytes per matrix; matrices that share an input share one, so this is an
-    upper bound) until the stage that uses them has run."""
-    needed = processes * sum(8 * d * d for d in in_features)
+def check_gram_memory(in_features: Mapping[str, int], processes: int, needed_for: str, instead: str) -> None:
+    """Error before any slow stage when one decoder layer's XᵀX cannot fit in memory:
+    each of the `processes` on this machine sums those of the layer it is at, in fp64
+    (8·d_in² bytes per selected matrix `name → d_in`; matrices that share an input
+    share one, so this is an upper bound), and the split holds one at a time."""
+    per_layer: dict[str, int] = {}
+    for name, d_in in in_features.items():
+        layer = re.match(r"(.*?\.\d+)\.", name)
+        key = layer.group(1) if layer else name
+        per_layer[key] = per_layer.get(key, 0) + 8 * d_in * d_in
+    needed = processes * max(per_layer.values(), default=0)
     available = available_memory()
     if available is not None and needed > available:
         raise QpeftError(
-            f"{needed_for} keeps the XᵀX of every selected layer's input in memory, up to {needed / 2**30:.1f} GiB "
+            f"{needed_for} sums the XᵀX of a decoder layer's inputs in memory, up to {needed / 2**30:.1f} GiB "
             f"here ({processes} process(es) × fp64 d_in² per matrix), more than the {available / 2**30:.1f} GiB "
             f"this machine has available; {instead}"
         )
@@ -133,37 +184,44 @@ class _GramHooks:
         self.handles = []
 
 
-def all_reduce_grams(grams: InputGrams, device: str | torch.device) -> InputGrams:
-    """Across the processes of a torch.distributed group that each calibrated a share of
-    the sequences: XᵀX and the token and sequence counts summed over all of them."""
-    from qpeft.distributed import all_reduce_sum
-
-    counts = torch.tensor([grams.tokens, grams.metadata["sequences"]], dtype=torch.float64)
-    tokens, sequences = (int(v) for v in all_reduce_sum(counts, device).tolist())
-    summed = {k: all_reduce_sum(g, device) for k, g in grams.grams.items()}
-    return InputGrams(summed, dict(grams.owner), tokens, {**grams.metadata, "sequences": sequences})
-
-
 class GramCollector:
     """Sums XᵀX of the inputs of the linear layers `names` during a forward sweep of
     `lm` (`LayerwiseLM.forward_sweep` with `on_layer=collector.layer_done`): that of
     `input_grams`, or the Fisher's own forward sweep, which then yields both. Each
-    layer's matrices are accumulated on the device and moved to the CPU when the
-    layer has seen every sequence; after the last layer the hooks are removed, so
-    that a backward sweep that re-runs the layers adds nothing."""
+    layer's matrices are accumulated on the device; when the layer has seen every
+    sequence they are summed over the processes of a torch.distributed run (each
+    calibrates a share of the sequences) and moved to the CPU, or with `spill` written
+    to that directory (by rank 0) and dropped. After the last layer the hooks are
+    removed, so that a backward sweep that re-runs the layers adds nothing."""
 
-    def __init__(self, lm: LayerwiseLM, names: Sequence[str]) -> None:
+    def __init__(self, lm: LayerwiseLM, names: Sequence[str], spill: Path | None = None) -> None:
         modules = {name: lm.model.get_submodule(name) for name in names}
         for name, module in modules.items():
             if not isinstance(module, nn.Linear):
                 raise QpeftError(f"{name} is not a linear layer")
         self.lm = lm
         self.hooks = _GramHooks(modules, lm.device)
+        self.spill = spill
+        self.kept: dict[str, torch.Tensor] = {}  # input key → its G, without `spill`
+        self.spilled: list[str] = []  # input keys written to `spill`
+        self.rank, self.world = rank_and_world()
+        if spill is not None and self.rank == 0:
+            shutil.rmtree(spill, ignore_errors=True)  # a crashed run's files
+            spill.mkdir(parents=True)
 
     def layer_done(self, index: int) -> None:
         self.hooks.end_first_batch()
         for key in self.lm.linear_names(index, list(self.hooks.grams)):
-            self.hooks.grams[key] = self.hooks.grams[key].cpu()
+            gram = self.hooks.grams.pop(key)
+            if self.world > 1:  # every process runs the layers in the same order
+                gram = all_reduce_sum(gram, self.lm.device)
+            gram = _symmetric(gram.cpu())
+            if self.spill is None:
+                self.kept[key] = gram
+            else:
+                if self.rank == 0:
+                    _write_gram(self.spill, key, gram)
+                self.spilled.append(key)
         if index == len(self.lm.layers) - 1:
             self.hooks.remove()
 
@@ -171,18 +229,29 @@ class GramCollector:
         self.hooks.remove()
 
     def result(self, batches: torch.Tensor) -> InputGrams:
-        """The sums over `batches` (the token ids the sweep saw)."""
-        grams = {k: _symmetric(g.cpu()) for k, g in self.hooks.grams.items()}
-        return InputGrams(grams, self.hooks.owner, int(batches.numel()), {"sequences": int(batches.shape[0])})
+        """The sums over the rows of `batches` (the token ids this process's sweep saw)
+        and those of the other processes."""
+        counts = torch.tensor([batches.numel(), batches.shape[0]], dtype=torch.float64)
+        if self.world > 1:
+            counts = all_reduce_sum(counts, self.lm.device)
+        tokens, sequences = (int(v) for v in counts.tolist())
+        grams = self.kept if self.spill is None else GramFiles(self.spill, self.spilled)
+        return InputGrams(grams, self.hooks.owner, tokens, {"sequences": sequences})
 
 
 @torch.no_grad()
 def input_grams(
-    lm: LayerwiseLM, names: Sequence[str], batches: torch.Tensor, batch_size: int = 1, progress: bool = True
+    lm: LayerwiseLM,
+    names: Sequence[str],
+    batches: torch.Tensor,
+    batch_size: int = 1,
+    progress: bool = True,
+    spill: Path | None = None,
 ) -> InputGrams:
     """XᵀX of the inputs of the linear layers `names` of a causal LM streamed layer by
-    layer, over the rows of `batches` (num_sequences × seqlen token ids)."""
-    collector = GramCollector(lm, names)
+    layer, over the rows of `batches` (num_sequences × seqlen token ids); with `spill`
+    each is written to that directory as soon as it is complete."""
+    collector = GramCollector(lm, names, spill)
     try:
         lm.forward_sweep(
             batches, batch_size, on_layer=collector.layer_done, progress="activations" if progress else None
@@ -193,12 +262,23 @@ def input_grams(
 
 
 def save_grams(path: Path, grams: InputGrams) -> None:
+    """The description to `path` and each G to `grams_dir(path)` (those already
+    spilled there are left as they are); the description last, atomically, so that
+    a complete set is what a file stands for."""
+    directory = grams_dir(path)
+    if not (isinstance(grams.grams, GramFiles) and grams.grams.directory == directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        for key, gram in grams.grams.items():
+            _write_gram(directory, key, gram)
     description = {"owner": grams.owner, "tokens": grams.tokens, "settings": grams.metadata}
-    save_tagged(path, grams.grams, METADATA_KEY, description)
+    description["inputs"] = list(grams.grams)
+    save_tagged(path, {}, METADATA_KEY, description)
 
 
 def load_grams(path: Path) -> InputGrams:
-    """The Grams of a file written by `save_grams`, each read from it when used."""
+    """The Grams of a file written by `save_grams` (or by earlier versions, which kept
+    them in the file itself), each read when used."""
     names, description = load_tagged(path, METADATA_KEY, "activation file", lazy=True)
-    grams = FileTensors(path, {n: n for n in names})
+    in_file = FileTensors(path, {n: n for n in names})  # the earlier versions' layout
+    grams = in_file if names else GramFiles(grams_dir(path), description["inputs"])
     return InputGrams(grams, description["owner"], description["tokens"], description["settings"])

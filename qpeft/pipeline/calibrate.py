@@ -15,7 +15,7 @@ from calib.batches import calibration_batches, calibration_text
 from qpeft.calibration.activations import (
     GramCollector,
     InputGrams,
-    all_reduce_grams,
+    grams_dir,
     input_grams,
     load_grams,
     save_grams,
@@ -138,14 +138,29 @@ def _cached_statistics(
     return [(s.load(s.file), s.file, hit) for s, hit in zip(statistics, hits, strict=True)]
 
 
+def _summed_by_the_collector(grams: InputGrams, device: str) -> InputGrams:
+    return grams  # the GramCollector sums each layer's XᵀX over the processes when it is done
+
+
+def _activations(settings: dict[str, Any]) -> _Statistic:
+    return _Statistic("activations", settings, load_grams, save_grams, _summed_by_the_collector)
+
+
 def _calibration_pass(
-    lm: Any, names: list[str], batches: Any, kinds: set[str], batch_size: int, elementwise: bool
+    lm: Any,
+    names: list[str],
+    batches: Any,
+    kinds: set[str],
+    batch_size: int,
+    elementwise: bool,
+    spill: Path | None = None,
 ) -> dict[str, Any]:
     """The Fisher and/or the XᵀX of the layer inputs; both from one forward sweep when
-    both are wanted (the Fisher's own, whose layer inputs are the Grams')."""
+    both are wanted (the Fisher's own, whose layer inputs are the Grams'). `spill`:
+    where each XᵀX is written once complete (`grams_dir` of the activation file)."""
     if "fisher" not in kinds:
-        return {"activations": input_grams(lm, names, batches, batch_size)}
-    collector = GramCollector(lm, names) if "activations" in kinds else None
+        return {"activations": input_grams(lm, names, batches, batch_size, spill=spill)}
+    collector = GramCollector(lm, names, spill) if "activations" in kinds else None
     try:
         on_layer = None if collector is None else collector.layer_done
         fisher = empirical_fisher(lm, names, batches, batch_size, elementwise=elementwise, on_forward_layer=on_layer)
@@ -180,14 +195,17 @@ def calibrate(
     fisher_settings = settings | ({"elementwise": True} if elementwise else {})
     statistics = [_Statistic("fisher", fisher_settings, load_fisher, save_fisher, all_reduce_fisher)]
     if activations:
-        statistics.append(_Statistic("activations", settings, load_grams, save_grams, all_reduce_grams))
+        statistics.append(_activations(settings))
+    spill = grams_dir(statistics[-1].file) if activations else None
     results = _cached_statistics(
         statistics,
         model_dir,
         targets,
         text,
         device,
-        lambda model, names, batches, kinds: _calibration_pass(model, names, batches, kinds, batch_size, elementwise),
+        lambda model, names, batches, kinds: _calibration_pass(
+            model, names, batches, kinds, batch_size, elementwise, spill
+        ),
     )
     stats, cached, hit = results[0]
     if out is not None and Path(out).resolve() != cached.resolve():
@@ -211,14 +229,15 @@ def calibrate_activations(
     Fisher (same settings, same sequences): (grams, whether from the cache
     $QPEFT_CACHE/activations)."""
     settings, text = _settings(model_dir, targets, data, num_sequences, seqlen, seed, dtype)
-    statistic = _Statistic("activations", settings, load_grams, save_grams, all_reduce_grams)
+    statistic = _activations(settings)
+    spill = grams_dir(statistic.file)
     ((grams, _, hit),) = _cached_statistics(
         [statistic],
         model_dir,
         targets,
         text,
         device,
-        lambda model, names, batches, kinds: _calibration_pass(model, names, batches, kinds, batch_size, False),
+        lambda model, names, batches, kinds: _calibration_pass(model, names, batches, kinds, batch_size, False, spill),
     )
     return grams, hit
 
