@@ -170,3 +170,14 @@ def test_cached_grams_are_written_layer_by_layer_and_equal_the_sums(tiny_model_d
     assert in_memory.owner == grams.owner and grams.tokens == in_memory.tokens == 32
     for key in in_memory.grams:
         assert torch.equal(in_memory.grams[key], grams.grams[key])
+
+
+def test_grams_cached_in_one_file_by_earlier_versions_still_load(tmp_path):
+    from qpeft.calibration.activations import METADATA_KEY, load_grams
+    from qpeft.io.tagged import save_tagged
+
+    gram = torch.randn(6, 6, dtype=torch.float64)
+    description = {"owner": {"a.q": "a.q", "a.k": "a.q"}, "tokens": 12, "settings": {"sequences": 3}}
+    save_tagged(tmp_path / "old.safetensors", {"a.q": gram}, METADATA_KEY, description)
+    grams = load_grams(tmp_path / "old.safetensors")
+    assert torch.equal(grams.gram("a.k"), gram) and grams.tokens == 12 and list(grams.grams) == ["a.q"]
