@@ -129,7 +129,7 @@ def test_cached_grams_are_written_layer_by_layer_and_equal_the_sums(tiny_model_d
     """The cached XᵀX reach their directory as each decoder layer completes, and the
     collector holds none once they are written; a crashed run's stray files are
     cleared first; the cache reads back equal to an in-memory sweep over the same
-    batches."""
+    batches, rounded to fp32 (its storage, the upper triangle)."""
     import qpeft.calibration.activations as activations
     from qpeft.pipeline.calibrate import calibrate_activations
 
@@ -168,8 +168,8 @@ def test_cached_grams_are_written_layer_by_layer_and_equal_the_sums(tiny_model_d
     names = select_linear(lm.model, targets)
     in_memory = activations.input_grams(lm, names, batches, progress=False)
     assert in_memory.owner == grams.owner and grams.tokens == in_memory.tokens == 32
-    for key in in_memory.grams:
-        assert torch.equal(in_memory.grams[key], grams.grams[key])
+    for key in in_memory.grams:  # stored as fp32, the sums' own fp64 values rounded once
+        assert torch.equal(in_memory.grams[key].float().double(), grams.grams[key])
 
 
 def test_grams_cached_in_one_file_by_earlier_versions_still_load(tmp_path):
@@ -181,3 +181,21 @@ def test_grams_cached_in_one_file_by_earlier_versions_still_load(tmp_path):
     save_tagged(tmp_path / "old.safetensors", {"a.q": gram}, METADATA_KEY, description)
     grams = load_grams(tmp_path / "old.safetensors")
     assert torch.equal(grams.gram("a.k"), gram) and grams.tokens == 12 and list(grams.grams) == ["a.q"]
+
+
+def test_a_gram_file_holds_the_upper_triangle_in_fp32(tmp_path):
+    from safetensors import safe_open
+
+    from qpeft.calibration.activations import GramFiles, _write_gram
+
+    x = torch.randn(40, 7, dtype=torch.float64)
+    gram = x.T @ x
+    gram = (gram + gram.T) / 2  # exactly symmetric, as the collector's are
+    _write_gram(tmp_path, "layer.q", gram)
+    with safe_open(str(tmp_path / "layer.q.safetensors"), framework="pt") as handle:
+        stored = handle.get_tensor("upper")
+    assert stored.dtype == torch.float32 and stored.numel() == 7 * 8 // 2
+    back = GramFiles(tmp_path, ["layer.q"])["layer.q"]
+    assert back.dtype == torch.float64 and torch.equal(back, back.T) and torch.equal(back, gram.float().double())
+    with pytest.raises(KeyError):
+        GramFiles(tmp_path, ["layer.q"])["layer.k"]
