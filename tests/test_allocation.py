@@ -96,12 +96,19 @@ def test_generous_budget_takes_the_cheapest():
     assert allocation.choice == [1, 1]
 
 
-def test_balanced_shares_even_out_the_work():
-    from qpeft.pipeline.decompose import balanced_shares
+def test_shared_counter_hands_out_each_index_once(tmp_path):
+    """Four threads taking indices from one counter file get 0..199 between them, each
+    once; constructing it again (a resumed run) starts over."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    sizes = [885, 331, 110, 110, 331, 885, 885] * 3
-    owners = balanced_shares(sizes, 2)
-    loads = [sum(s for s, o in zip(sizes, owners, strict=True) if o == r) for r in range(2)]
-    assert abs(loads[0] - loads[1]) <= 110 and set(owners) == {0, 1}
-    assert balanced_shares([5, 1, 1, 1, 1, 1], 2) == [0, 1, 1, 1, 1, 1]
-    assert balanced_shares([3, 2], 1) == [0, 0]
+    from qpeft.pipeline.decompose import SharedCounter
+
+    counter = SharedCounter(tmp_path / "next")
+
+    def take(_: int) -> list[int]:
+        return [counter.next() for _ in range(50)]
+
+    with ThreadPoolExecutor(4) as pool:
+        taken = [i for part in pool.map(take, range(4)) for i in part]
+    assert sorted(taken) == list(range(200))
+    assert SharedCounter(tmp_path / "next").next() == 0

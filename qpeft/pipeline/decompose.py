@@ -133,17 +133,24 @@ def prepare_work_dir(work: Path, settings: DecomposeSettings, resume: bool) -> N
         tmp.write_text(json.dumps(settings.as_dict(), indent=1))
 
 
-def balanced_shares(sizes: Sequence[int], world: int) -> list[int]:
-    """The process that costs each matrix: largest first, each to the process with the
-    least work so far (work ∝ size), so that the processes finish together (dealt out
-    in turn, one of two processes finished 10 s after the other on SmolLM2)."""
-    owners = [0] * len(sizes)
-    loads = [0] * world
-    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        owner = min(range(world), key=lambda r: loads[r])
-        owners[index] = owner
-        loads[owner] += sizes[index]
-    return owners
+class SharedCounter:
+    """0, 1, 2, … handed out once each to whichever process asks next: a counter file
+    in the run's work directory (shared by the processes), under a file lock. Rank 0
+    resets it; every process must construct it (a barrier)."""
+
+    def __init__(self, path: Path) -> None:
+        from filelock import FileLock
+
+        self.path, self.lock = path, FileLock(f"{path}.lock")
+        if rank_and_world()[0] == 0:
+            path.write_text("0")
+        barrier()
+
+    def next(self) -> int:
+        with self.lock:
+            value = int(self.path.read_text())
+            self.path.write_text(str(value + 1))
+        return value
 
 
 def compute_cost_table(
@@ -157,31 +164,36 @@ def compute_cost_table(
     device: str,
 ) -> CostTable | None:
     """This rank's share of the cost table, appended row by row to the work directory;
-    rank 0 returns the whole table once every rank has finished (others None)."""
-    rank, world = rank_and_world()
+    rank 0 returns the whole table once every rank has finished (others None).
+
+    The matrices not yet costed are taken largest first, each by whichever process is
+    free (`SharedCounter`), so that the processes finish together however long each
+    matrix takes (shares fixed in advance by size left one of two processes 17–23 s
+    behind the other on SmolLM2)."""
+    rank, _ = rank_and_world()
     start = time.perf_counter()
     shard = work / f"costs-{rank}.jsonl"
     finished = {}
     for path in work.glob("costs-*.jsonl"):
         finished |= _read_rows(path)
-    owners = balanced_shares(numel, world)
-    mine = [n for n, owner in zip(names, owners, strict=True) if owner == rank]
-    todo = {f"{n}.weight": n for n in mine if n not in finished}
+    size = dict(zip(names, numel, strict=True))
+    todo = sorted((n for n in names if n not in finished), key=lambda n: -size[n])
+    counter = SharedCounter(work / "cost-table-next")
     weights = SafetensorsWeights(model_dir)
+    done = len(names) - len(todo)
     with (
         shard.open("a") as out,
-        tqdm(total=len(mine), initial=len(mine) - len(todo), desc="cost table", unit="matrix") as bar,
+        tqdm(total=len(names), initial=done, desc="cost table", unit="matrix") as bar,
     ):
-        for key, tensor in weights.items():
-            if key not in todo:
-                continue
-            name = todo[key]
-            w = tensor.to(device).float()
+        while (index := counter.next()) < len(todo):
+            name = todo[index]
+            w = weights.tensor(f"{name}.weight").to(device).float()
             costs = method.costs(name, w, grid)
             out.write(json.dumps({"name": name, "shape": list(w.shape), "costs": costs.tolist()}) + "\n")
             out.flush()
             os.fsync(out.fileno())
-            bar.update()
+            bar.update(done + index + 1 - bar.n)  # the matrices handed out so far, by any process
+        bar.update(len(names) - bar.n)  # none left to hand out
     barrier()
     if rank != 0:
         return None
