@@ -168,8 +168,8 @@ def compute_cost_table(
 
     The matrices not yet costed are taken largest first, each by whichever process is
     free (`SharedCounter`), so that the processes finish together however long each
-    matrix takes (shares fixed in advance by size left one of two processes 17–23 s
-    behind the other on SmolLM2)."""
+    matrix takes (with shares fixed in advance by size, one of two processes finished
+    12–17 s after the other on SmolLM2)."""
     rank, _ = rank_and_world()
     start = time.perf_counter()
     shard = work / f"costs-{rank}.jsonl"
