@@ -265,6 +265,15 @@ def absmax_blocks(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, 
     return blocks, blocks.abs().amax(dim=1)
 
 
+def finite_absmax_blocks(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`absmax_blocks`, with an error if the input holds NaN or Inf values (amax
+    propagates them, so the absmaxes cover every value)."""
+    blocks, absmax = absmax_blocks(weight, block_size)
+    if not torch.isfinite(absmax).all():
+        raise QpeftError("cannot quantize a tensor with NaN or Inf values")
+    return blocks, absmax
+
+
 def _block_levels(
     blocks: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -294,10 +303,7 @@ def normalized_blocks(
 def simulate(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     """dequantize(quantize(weight, config)) in fp32, bit for bit, without packing:
     the fast path for searches that only need the quantized values."""
-    blocks, absmax = absmax_blocks(weight, config.block_size)
-    # amax propagates NaN and Inf, so the absmaxes cover every value
-    if not torch.isfinite(absmax).all():
-        raise QpeftError("cannot quantize a tensor with NaN or Inf values")
+    blocks, absmax = finite_absmax_blocks(weight, config.block_size)
     codebook = nf_codebook(config.bits, blocks.device)
     values = _block_levels(blocks, absmax, codebook, simulated_scales(absmax, config)).view(-1)
     return values[: weight.numel()].view(weight.shape)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from qpeft.errors import QpeftError
-from qpeft.quant.blockwise import QuantizedTensor, absmax_blocks, pack_quantized, simulated_scales
+from qpeft.quant.blockwise import QuantizedTensor, finite_absmax_blocks, pack_quantized, simulated_scales
 from qpeft.quant.codebooks import nf_codebook
 from qpeft.quant.config import QuantConfig
 
@@ -71,9 +71,7 @@ class GPTQSolver:
             )
         rows, cols = weight.shape
         w = weight.detach().float()
-        _, absmax = absmax_blocks(w, config.block_size)  # the scales round-to-nearest would use
-        if not torch.isfinite(absmax).all():
-            raise QpeftError("cannot quantize a tensor with NaN or Inf values")
+        _, absmax = finite_absmax_blocks(w, config.block_size)  # the scales round-to-nearest would use
         scales = simulated_scales(absmax, config).repeat_interleave(config.block_size)[: rows * cols].view(rows, cols)
         inverse_scales = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
         order, factor = self.order.to(w.device), self.factor.to(w.device)
