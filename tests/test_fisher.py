@@ -70,6 +70,9 @@ def test_fisher_file_round_trip(tmp_path, tiny_model_dir):
     save_file({"a": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(QpeftError, match="is not a qpeft Fisher file"):
         load_fisher(tmp_path / "other.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "f.safetensors").read_bytes()[:6])
+    with pytest.raises(QpeftError, match=r"cannot read the Fisher file .*cut\.safetensors: .*header"):
+        load_fisher(tmp_path / "cut.safetensors")
 
 
 def test_calibration_batches_are_seeded_windows():
@@ -199,3 +202,6 @@ def test_a_gram_file_holds_the_upper_triangle_in_fp32(tmp_path):
     assert back.dtype == torch.float64 and torch.equal(back, back.T) and torch.equal(back, gram.float().double())
     with pytest.raises(KeyError):
         GramFiles(tmp_path, ["layer.q"])["layer.k"]
+    (tmp_path / "layer.k.safetensors").write_bytes(b"partial")  # an interrupted copy
+    with pytest.raises(QpeftError, match=r"cannot read the Gram matrix .*layer\.k\.safetensors"):
+        GramFiles(tmp_path, ["layer.k"])["layer.k"]

@@ -34,7 +34,7 @@ from qpeft.calibration.stream import LayerwiseLM
 from qpeft.distributed import all_reduce_sum, rank_and_world
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_file
-from qpeft.io.tagged import FileTensors, load_tagged, save_tagged
+from qpeft.io.tagged import READ_ERRORS, FileTensors, load_tagged, save_tagged
 
 METADATA_KEY = "qpeft_input_grams"
 DAMPING = 1e-4  # × mean diagonal, added to G before any solve (QWHA; GPTQ uses 1e-2)
@@ -108,7 +108,7 @@ class GramFiles(Mapping[str, torch.Tensor]):
         path = self.directory / f"{key}.safetensors"
         try:
             return _read_gram(path)
-        except (OSError, ValueError) as exc:
+        except READ_ERRORS as exc:
             raise QpeftError(f"cannot read the Gram matrix {path}: {exc}") from exc
 
     def __iter__(self) -> Iterator[str]:

@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_file
+
+# What reading a missing, truncated or foreign safetensors file raises.
+READ_ERRORS = (OSError, ValueError, SafetensorError)
 
 
 def save_tagged(path: Path, tensors: dict[str, torch.Tensor], key: str, description: Any) -> None:
@@ -36,7 +39,7 @@ def load_tagged(path: Path, key: str, what: str, lazy: bool = False) -> tuple[An
             description = json.loads((handle.metadata() or {}).get(key, "null"))
             names = list(handle.keys())
             tensors = names if lazy else {name: handle.get_tensor(name) for name in names}
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+    except READ_ERRORS as exc:  # json.JSONDecodeError is a ValueError
         raise QpeftError(f"cannot read the {what} {path}: {exc}") from exc
     if description is None:
         raise QpeftError(f"{path} is not a qpeft {what} (no {key} metadata)")
@@ -56,8 +59,11 @@ class FileTensors(Mapping[str, torch.Tensor]):
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Several tensors, the file opened once."""
-        with safe_open(str(self.path), framework="pt") as handle:
-            return {name: handle.get_tensor(self.stored[name]) for name in names}
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                return {name: handle.get_tensor(self.stored[name]) for name in names}
+        except READ_ERRORS as exc:
+            raise QpeftError(f"cannot read {self.path}: {exc}") from exc
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.stored)
