@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 from pathlib import Path
 
+from qpeft import __version__
 from qpeft.errors import QpeftError
+
+# OSErrors of the machine, not of qpeft: one line, like a user error
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+NO_PERMISSION = {errno.EACCES, errno.EPERM}
 
 
 def _add_model_arg(parser: argparse.ArgumentParser, checkpoint: bool = False) -> None:
@@ -29,6 +35,22 @@ def _add_targets_arg(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated layer name patterns (default: q,k,v,o,gate,up,down projections)",
     )
+
+
+def _add_unquantized_arg(parser: argparse.ArgumentParser) -> None:
+    from qpeft.io.checkpoint import UNQUANTIZED_DTYPES
+
+    parser.add_argument(
+        "--unquantized-dtype",
+        choices=list(UNQUANTIZED_DTYPES),
+        default="source",
+        help="dtype of the tensors that are not quantized (embeddings, norms, lm_head): as in the source (the "
+        "default, exact; fp32 for a converted GGUF), or bf16/fp16 to shrink the checkpoint",
+    )
+
+
+def _checkpoint_size(path: Path) -> str:
+    return f"{sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file()) / 2**20:.1f} MiB"
 
 
 def _add_calib_args(parser: argparse.ArgumentParser, with_source: bool = True) -> None:
@@ -60,20 +82,30 @@ def _add_calib_args(parser: argparse.ArgumentParser, with_source: bool = True) -
 
 
 def _targets(text: str | None) -> tuple[str, ...]:
-    from qpeft.models.selection import DEFAULT_TARGETS
+    from qpeft.models.selection import parse_targets
 
-    return tuple(t.strip() for t in text.split(",") if t.strip()) if text else DEFAULT_TARGETS
+    return parse_targets(text, "--targets")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qpeft", description="Quantization-aware PEFT: QLoRA, LQ-LoRA, QWHA.")
+    parser.add_argument("--version", action="version", version=f"qpeft {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def sub_add_parser(name: str, **kwargs):
+        return add_parser(name, parents=[common], **kwargs)
+
+    sub.add_parser = sub_add_parser  # every command takes --debug
 
     quant = sub.add_parser("quantize", help="uniformly quantize the selected linear layers (QLoRA base)")
     _add_model_arg(quant)
     quant.add_argument("--config", default="nf4", help="preset (nf4, nf3, nf2, nf8) or e.g. nf4-b64-s8x256-fp32")
     quant.add_argument("--out", required=True, type=Path, help="output checkpoint directory (must not exist)")
     _add_targets_arg(quant)
+    _add_unquantized_arg(quant)
     quant.add_argument("--device", default="cpu", help="device for the quantization work (cpu, cuda)")
 
     cal = sub.add_parser("calibrate", help="Fisher row/column statistics of the selected layers")
@@ -119,11 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(dec, with_source=False)
     dec.add_argument(
         "--configs",
-        default="lqlora",
-        help="candidate configs: 'lqlora' (the paper's 432-config grid, default) or a comma-separated list",
+        default=None,
+        help="with --budget, the ILP's candidate configs: 'lqlora' (the paper's 432-config grid, default) or a "
+        "comma-separated list",
     )
     dec.add_argument("--out", required=True, type=Path, help="output checkpoint directory (must not exist)")
     _add_targets_arg(dec)
+    _add_unquantized_arg(dec)
     dec.add_argument("--device", default="cpu", help="device for the decomposition work (cpu, cuda)")
     dec.add_argument("--seed", type=int, default=0, help="seed of the randomized SVDs (default: 0)")
     dec.add_argument(
@@ -173,8 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="merged weights / bnb compute dtype"
     )
 
-    ins = sub.add_parser("inspect", help="a qpeft checkpoint's manifest as a table (checks its files too)")
+    ins = sub.add_parser(
+        "inspect", help="a qpeft checkpoint's manifest as a table, after checking every file and tensor's sha256"
+    )
     ins.add_argument("checkpoint", type=Path, help="a qpeft checkpoint directory")
+    ins.add_argument("--matrices", action="store_true", help="also list every matrix: shape, config, bits, adapter")
 
     tr = sub.add_parser(
         "train",
@@ -192,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)",
     )
     tr.add_argument("--resume", action="store_true", help="continue the run saved in the recipe's output_dir")
+    tr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in output_dir, deleting what it holds (without it, a non-empty output_dir is refused)",
+    )
     return parser
 
 
@@ -212,21 +254,30 @@ def _check_device(device: str) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from qpeft.io.atomic import ensure_absent
+    from qpeft.io.atomic import check_output
+    from qpeft.io.checkpoint import UNQUANTIZED_DTYPES
     from qpeft.models.resolve import resolve_model
     from qpeft.pipeline.quantize import quantize_model
     from qpeft.quant import parse_config
 
     config = parse_config(args.config)
+    targets = _targets(args.targets)
     _check_device(args.device)
-    ensure_absent(args.out)  # before the slow steps, not only when writing starts
+    check_output(args.out)  # before the slow steps, not only when writing starts
     model_dir = resolve_model(args.model)
     manifest = quantize_model(
-        model_dir, args.out, config, _targets(args.targets), args.device, source=args.model or "smollm2"
+        model_dir,
+        args.out,
+        config,
+        targets,
+        args.device,
+        source=args.model or "smollm2",
+        unquantized_dtype=UNQUANTIZED_DTYPES[args.unquantized_dtype],
     )
     summary = manifest["summary"]
     print(
-        f"wrote {args.out}: {summary['matrices']} matrices, {summary['params']:,} parameters, "
+        f"wrote {args.out} ({_checkpoint_size(args.out)}): {summary['matrices']} matrices, "
+        f"{summary['params']:,} parameters, "
         f"{config.name} = {summary['nominal_bits']:.3f} bits/param nominal, "
         f"{summary['bits_per_param']:.4f} stored (padding and offsets included)"
     )
@@ -266,14 +317,17 @@ def _run_calibration(
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from calib.batches import calibration_text
+    from qpeft.io.atomic import check_writable
     from qpeft.models.resolve import resolve_model
 
     _check_calib(args)
     _check_device(args.device)
+    _targets(args.targets)
     if args.out.suffix != ".safetensors":
         raise QpeftError(f"--out should name a .safetensors file, got {args.out}")
     if args.out.exists():
         raise QpeftError(f"output file already exists: {args.out}")
+    check_writable(args.out)
     calibration_text(args.calib)  # fail on bad data before loading the model
     stats, cached, hit = _run_calibration(args, resolve_model(args.model), args.out)
     how = f"reused {cached}" if hit else f"cached as {cached}"
@@ -286,13 +340,13 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     from qpeft.allocation.grid import parse_grid
     from qpeft.allocation.ilp import parse_budget
     from qpeft.calibration.activations import check_gram_memory
-    from qpeft.distributed import init_distributed
-    from qpeft.io.atomic import ensure_absent
-    from qpeft.models.loading import build_skeleton
+    from qpeft.distributed import init_distributed, rank_and_world
+    from qpeft.io.atomic import check_output, remove_partials
+    from qpeft.io.checkpoint import UNQUANTIZED_DTYPES
     from qpeft.models.resolve import resolve_model
     from qpeft.pipeline.calibrate import calibrate_activations, fisher_for
     from qpeft.pipeline.decompose import decompose_model, format_type_table, plan_matrices
-    from qpeft.pipeline.methods import QWHA, LQLoRA
+    from qpeft.pipeline.methods import QWHA, LQLoRA, check_rank
     from qpeft.quant import parse_config
 
     budget = None if args.budget is None else parse_budget(args.budget)
@@ -310,10 +364,16 @@ def cmd_decompose(args: argparse.Namespace) -> None:
         raise QpeftError("--fisher-elementwise needs a Fisher: drop --no-fisher")
     if args.alpha < 0:
         raise QpeftError(f"--alpha must be 0 or more, got {args.alpha}")
-    grid = [parse_config(args.config)] if args.config else parse_grid(args.configs)
+    if args.config and args.configs:
+        raise QpeftError(
+            "--configs lists the ILP's candidates for --budget; --config puts every matrix under one config: "
+            "give one of them"
+        )
+    grid = [parse_config(args.config)] if args.config else parse_grid(args.configs or "lqlora")
+    targets = _targets(args.targets)
     _check_calib(args)
     _check_device(args.device)
-    ensure_absent(args.out)
+    check_output(args.out)
     if args.costs is not None and not args.costs.exists():
         raise QpeftError(f"--costs: {args.costs} does not exist")
     rounding = args.rounding or "gptq"
@@ -321,11 +381,12 @@ def cmd_decompose(args: argparse.Namespace) -> None:
         calibration_text(args.calib)
     device = init_distributed(args.device)
     model_dir = resolve_model(args.model)
-    targets = _targets(args.targets)
-    names, _ = plan_matrices(model_dir, targets, grid, budget)  # fail before the slow stages
+    names, _, shapes = plan_matrices(model_dir, targets, grid, budget)  # fail before the slow stages
+    check_rank(args.method, args.rank, shapes, "--rank")
+    if args.resume and rank_and_world()[0] == 0:
+        remove_partials(args.out)  # what a killed write left
     if args.method == "qwha" or rounding == "gptq":
-        skeleton = build_skeleton(model_dir)
-        in_features = {n: skeleton.get_submodule(n).in_features for n in names}
+        in_features = {n: shapes[n][1] for n in names}
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if args.method == "qwha":
             check_gram_memory(in_features, processes, "QWHA's initialisation", "select fewer layers (--targets)")
@@ -357,7 +418,17 @@ def cmd_decompose(args: argparse.Namespace) -> None:
             grams=grams,
         )
     manifest = decompose_model(
-        model_dir, args.out, budget, method, targets, grid, device, args.resume, args.costs, args.model or "smollm2"
+        model_dir,
+        args.out,
+        budget,
+        method,
+        targets,
+        grid,
+        device,
+        args.resume,
+        args.costs,
+        args.model or "smollm2",
+        unquantized_dtype=UNQUANTIZED_DTYPES[args.unquantized_dtype],
     )
     if manifest is None:  # a non-zero rank of a distributed run
         return
@@ -365,7 +436,8 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     print(format_type_table(manifest["by_type"]))
     target = f"config {grid[0].name}" if budget is None else f"budget {budget:g}"
     line = (
-        f"wrote {args.out}: {s['matrices']} matrices, Q {s['bits_per_param']:.4f} bits/param ({target}); "
+        f"wrote {args.out} ({_checkpoint_size(args.out)}): "
+        f"{s['matrices']} matrices, Q {s['bits_per_param']:.4f} bits/param ({target}); "
         f"with the adapter ({s['adapter_params']:,} parameters, bf16) {s['bits_with_adapter']:.4f}"
     )
     if "bits_with_lowrank_nf8" in s:
@@ -382,10 +454,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from qpeft.quant.blockwise import TORCH_DTYPES
 
     _positive("--seqlen", args.seqlen)
+    if args.seqlen < 2:
+        raise QpeftError(f"--seqlen must be at least 2 tokens, got {args.seqlen}")
     _positive("--max-windows", args.max_windows)
     _check_device(args.device)
     text = load_eval_text(args.data, args.text_file)
     path = locate(args.model)
+    context = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
+    if context is not None and args.seqlen > context:
+        raise QpeftError(
+            f"--seqlen {args.seqlen} is longer than the model's context (max_position_embeddings {context})"
+        )
     ids = tokenize(AutoTokenizer.from_pretrained(path), text)
     count_windows(ids.numel(), args.seqlen)  # fail before loading the model
     model = load_model(path, TORCH_DTYPES[args.dtype], args.device)
@@ -408,12 +487,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from qpeft.export.formats import REPORT_NAME, export_checkpoint
-    from qpeft.io.atomic import ensure_absent
+    from qpeft.io.atomic import check_output
     from qpeft.io.checkpoint import is_checkpoint
 
     if not is_checkpoint(args.checkpoint):
         raise QpeftError(f"{args.checkpoint} is not a qpeft checkpoint (no qpeft_manifest.json)")
-    ensure_absent(args.out)
+    check_output(args.out)
     report = export_checkpoint(args.checkpoint, args.to, args.out, args.rank, args.dtype)
     for key, label in (("requantized_rel_error", "re-quantized to NF4"), ("adapter_rel_error", "adapter as LoRA")):
         errors = report.get(key) or {}
@@ -426,16 +505,17 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from qpeft.io.checkpoint import is_checkpoint, read_manifest
+    from qpeft.io.checkpoint import is_checkpoint, read_manifest, verify_checkpoint
     from qpeft.pipeline.decompose import format_type_table, type_table
 
     if not is_checkpoint(args.checkpoint):
         raise QpeftError(f"{args.checkpoint} is not a qpeft checkpoint (no qpeft_manifest.json)")
     manifest = read_manifest(args.checkpoint)
+    files, tensors = verify_checkpoint(args.checkpoint, manifest)
     s = manifest["summary"]
     base = manifest.get("base_model", {})
-    checks = manifest.get("checksums")
-    print(f"checkpoint    {args.checkpoint} (schema {manifest['schema_version']})")
+    size = _checkpoint_size(args.checkpoint)
+    print(f"checkpoint    {args.checkpoint} (schema {manifest['schema_version']}, {size} on disk)")
     print(f"method        {manifest.get('method')}" + (f", budget {s['budget']:g}" if s.get("budget") else ""))
     print(f"base model    {base.get('source') or base.get('path')}")
     print(f"matrices      {s['matrices']} ({s['params']:,} parameters)")
@@ -449,18 +529,30 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         t = manifest["training"]
         ppl = f", eval perplexity {t['eval_ppl']:.4f}" if "eval_ppl" in t else ""
         print(f"trained       {t['step']} steps, {t['tokens']:,} tokens{ppl} (from {t.get('base')})")
-    if checks:
-        print(f"checksums     {len(checks['files'])} files, {len(checks['tensors'])} tensors (sha256)")
+    if manifest.get("checksums"):
+        print(f"checksums     verified: {files} files, {tensors} tensors (sha256)")
+    else:
+        print(f"checksums     none (schema 1); {tensors} tensors read")
     print()
     print(format_type_table(manifest.get("by_type") or type_table(manifest["quantized"])))
+    if args.matrices:
+        print()
+        print(f"{'matrix':<44} {'shape':>11} {'config':<22} {'bits':>7} {'adapter':>12}")
+        for name, entry in manifest["quantized"].items():
+            adapter = entry.get("adapter") or {}
+            kind = adapter.get("kind", "-") + (f" r{entry['rank']}" if entry.get("rank") else "")
+            shape = "×".join(map(str, entry["shape"]))
+            print(f"{name[-44:]:<44} {shape:>11} {entry['config']:<22} {entry['bits']:>7.3f} {kind:>12}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from qpeft.training.recipe import load_recipe
     from qpeft.training.trainer import train
 
+    if args.resume and args.overwrite:
+        raise QpeftError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")
     recipe = load_recipe(args.recipe, args.overrides)
-    state = train(recipe, resume=args.resume)
+    state = train(recipe, resume=args.resume, overwrite=args.overwrite)
     if state["main"]:
         ppl = f", eval perplexity {state['eval_ppl']:.4f}" if "eval_ppl" in state else ""
         print(
@@ -480,17 +572,70 @@ COMMANDS = {
 }
 
 
+def _resumable(args: argparse.Namespace) -> bool:
+    """Whether an interrupted command left finished work that --resume continues."""
+    if args.command == "decompose":
+        from qpeft.pipeline.decompose import work_dir_for
+
+        return work_dir_for(args.out).is_dir()
+    if args.command == "train":
+        from qpeft.training.trainer import has_run
+
+        try:
+            from qpeft.training.recipe import load_recipe
+
+            return has_run(Path(load_recipe(args.recipe, args.overrides).output_dir))
+        except QpeftError:
+            return False
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user's mistake (QpeftError) or a full, read-only or
+    forbidden disk: one line, exit 2. Ctrl-C: one line saying what --resume can
+    continue, exit 130. Anything else is a bug: one line with its type, exit 1
+    (--debug: the traceback)."""
     args = build_parser().parse_args(argv)
+    name = f"qpeft {args.command}"
     try:
         COMMANDS[args.command](args)
     except QpeftError as exc:
-        print(f"qpeft {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"qpeft {args.command}: interrupted", file=sys.stderr)
+        then = (
+            "run the same command with --resume to continue from what is finished"
+            if _resumable(args)
+            else "nothing was written"
+        )
+        print(f"{name}: interrupted: {then}", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if args.debug or exc.errno not in DISK_FULL | NO_PERMISSION:
+            return _internal_error(name, args, exc)
+        where = f" {exc.filename}" if exc.filename else ""
+        what = "cannot write" if exc.errno in DISK_FULL else "cannot open"
+        print(f"{name}: error: {what}{where}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        return _internal_error(name, args, exc)
     return 0
+
+
+def _internal_error(name: str, args: argparse.Namespace, exc: Exception) -> int:
+    if args.debug:
+        raise exc
+    print(
+        f"{name}: internal error: {type(exc).__name__}: {_first_line(exc)} "
+        "(a bug in qpeft; run again with --debug for the traceback)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def run() -> None:

@@ -19,6 +19,11 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def is_main_process() -> bool:
+    """Rank 0, or no torch.distributed run: the process that prints progress."""
+    return rank_and_world()[0] == 0
+
+
 def init_distributed(device: str) -> str:
     """Join the process group when launched by torchrun / accelerate launch (WORLD_SIZE
     > 1): gloo on CPU, NCCL on GPUs. Returns this process's device."""

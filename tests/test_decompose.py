@@ -170,7 +170,7 @@ def test_grams_that_cannot_fit_in_memory_stop_before_the_slow_stages(tiny_model_
         "here (2 process(es) × fp64 d_in² per matrix), more than the",
     )
     assert "use --rounding nearest (the paper's rounding, no XᵀX)" in err and not (tmp_path / "cache").exists()
-    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "q", "--method", "qwha", "--config", "nf3")
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "q", "--method", "qwha", "--config", "nf3", "--rank", 2)
     assert_one_line_error(code, err, "QWHA's initialisation sums the XᵀX of a decoder layer's inputs in memory")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "b", *argv)
@@ -186,13 +186,15 @@ def test_decompose_errors(tiny_model_dir, tmp_path, capsys):
     assert_one_line_error(code, err, "--rank must be 0 or more, got -1")
     code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "a", "--budget", "3", "--calib", tmp_path / "no.txt")
     assert_one_line_error(code, err, "is neither 'wikitext2' nor a text file")
-    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "a", "--budget", "3", "--fisher", tmp_path / "f.st")
+    code, _, err = decompose(
+        capsys, tiny_model_dir, tmp_path / "a", "--budget", "3", "--rank", 4, "--fisher", tmp_path / "f.st"
+    )
     assert_one_line_error(code, err, "Fisher file not found")
     work = tmp_path / "b.work"
     work.mkdir()
     (work / "costs-0.jsonl").write_text('{"name": "x", "shape": [1, 1], "costs": [1.0]}\n')
     code, _, err = decompose(
-        capsys, tiny_model_dir, tmp_path / "b", "--budget", "3", "--no-fisher", "--rounding", "nearest"
+        capsys, tiny_model_dir, tmp_path / "b", "--budget", "3", "--rank", 4, "--no-fisher", "--rounding", "nearest"
     )
     assert_one_line_error(code, err, "holds an interrupted run (1 matrices costed): pass --resume to continue it")
 

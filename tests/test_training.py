@@ -142,7 +142,7 @@ def test_alpaca_examples_mask_the_prompt(tmp_path):
     [
         ('{"instruction": "a"}\n', "records need instruction and output fields, missing ['output']"),
         ("not json at all\n", "cannot read"),
-        ("", "cannot read"),
+        ("", "is empty"),
     ],
 )
 def test_bad_alpaca_files(tmp_path, content, message):
@@ -166,7 +166,7 @@ def test_train_cli_errors(tiny_model_dir, train_text, tmp_path, capsys):
     code, _, err = run(capsys, "train", tmp_path / "bad.yaml")
     assert_one_line_error(code, err, "is not valid YAML")
     code, _, err = run(capsys, "train", recipe, "--resume")
-    assert_one_line_error(code, err, "has no saved training state")
+    assert_one_line_error(code, err, "holds no qpeft training run")
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     code, _, err = run(capsys, "train", recipe, "--set", f"data.train={empty}")

@@ -85,15 +85,22 @@ def all_configs(costs: np.ndarray, bits: np.ndarray) -> list[int]:
 REFINED_SETS = {"hull": hull_configs, "front": pareto_configs, "all": all_configs}
 
 
-def check_budget(budget: float, bits: np.ndarray, numel: Sequence[int] | np.ndarray) -> None:
+def check_budget(budget: float, bits: np.ndarray, numel: Sequence[int] | np.ndarray, above_ok: bool = True) -> None:
     """Error unless some choice of configs meets the budget; it names the range of
-    average bits that the configs allow. `bits`: matrices × configs."""
+    average bits that the configs allow. `bits`: matrices × configs. With
+    `above_ok` False, a budget above the costliest choice is an error too (the
+    user asked for bits that no config spends)."""
     numel_arr = np.asarray(numel, dtype=np.float64)
     lowest = float((bits.min(axis=1) * numel_arr).sum() / numel_arr.sum())
     highest = float((bits.max(axis=1) * numel_arr).sum() / numel_arr.sum())
     if budget < lowest - 1e-12:
         raise QpeftError(
             f"budget {budget:g} bits/param is infeasible: the configs allow averages from {lowest:.4f} to {highest:.4f}"
+        )
+    if not above_ok and budget > highest + 1e-12:
+        raise QpeftError(
+            f"budget {budget:g} bits/param is more than the configs can use (at most {highest:.4f}, every matrix "
+            f"at its costliest config): give a budget up to {highest:.4f}, or --config for one config everywhere"
         )
 
 

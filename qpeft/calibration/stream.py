@@ -31,6 +31,7 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
+from qpeft.distributed import is_main_process
 from qpeft.errors import QpeftError
 from qpeft.models.weights import SafetensorsWeights
 
@@ -115,7 +116,9 @@ class LayerwiseLM:
         batches = self._batches(ids.shape[0], batch_size)
         hidden = torch.cat([self.base.embed_tokens(ids[b].to(self.device)).cpu() for b in batches])
         states = [hidden]
-        for index in tqdm(range(len(self.layers)), desc=progress, unit="layer", disable=progress is None):
+        for index in tqdm(
+            range(len(self.layers)), desc=progress, unit="layer", disable=progress is None or not is_main_process()
+        ):
             with self.loaded(index) as layer:
                 hidden = torch.cat([self._run_layer(layer, hidden[b].to(self.device)).cpu() for b in batches])
             if on_layer is not None:
@@ -145,7 +148,13 @@ class LayerwiseLM:
         backward."""
         batches = self._batches(grad.shape[0], batch_size)
         order = reversed(range(len(self.layers)))
-        for index in tqdm(order, total=len(self.layers), desc=progress, unit="layer", disable=progress is None):
+        for index in tqdm(
+            order,
+            total=len(self.layers),
+            desc=progress,
+            unit="layer",
+            disable=progress is None or not is_main_process(),
+        ):
             inputs = states.pop(index)
             del states[index:]  # the layer's output is not needed any more
             with self.loaded(index) as layer:

@@ -7,7 +7,9 @@ directory at NAME that looks complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -22,8 +24,60 @@ def ensure_absent(target: Path) -> None:
         raise QpeftError(f"output directory already exists: {target}")
 
 
+def check_writable(target: Path) -> None:
+    """Error (before any slow work) unless a file can be made where `target` goes:
+    its nearest existing ancestor must take a new entry. The probe is a temporary
+    directory made and removed at once, so the check holds for read-only or
+    special file systems and for root alike (access(2) would say yes to root)."""
+    target = Path(target)
+    ancestor = target.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:
+        if not ancestor.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        os.rmdir(tempfile.mkdtemp(prefix=".qpeft-probe-", dir=ancestor))
+    except OSError as exc:
+        raise QpeftError(f"cannot write {target}: {ancestor} does not take new files ({exc.strerror})") from exc
+
+
+def check_output(target: Path) -> None:
+    """An output that must not exist yet and must be writable (checked up front)."""
+    ensure_absent(target)
+    check_writable(target)
+
+
+# a write that fails for want of room or rights: the user's to fix, named in one line
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """The reason (strerror) when `exc` is a write refused by a full or read-only disk:
+    an OSError, or safetensors' own error type, which carries the OS error code in its
+    text (`I/O error: No space left on device (os error 28)`)."""
+    if isinstance(exc, OSError):
+        code = exc.errno
+    else:
+        found = re.search(r"\(os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+        code = int(found.group(1)) if found else None
+    return os.strerror(code) if code in _DISK_ERRNOS else None
+
+
+def remove_partials(target: Path) -> list[Path]:
+    """Remove the `NAME.partial-*` directories a killed write of `target` left (call it
+    only where no other process is writing `target`: on --resume)."""
+    target = Path(target)
+    left = sorted(target.parent.glob(f"{target.name}.partial-*")) if target.parent.is_dir() else []
+    for path in left:
+        shutil.rmtree(path, ignore_errors=True)
+    return left
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a sibling `NAME.partial-*` directory that becomes `target` once the block
+    finishes; on any error it is removed, and a full or read-only disk becomes a
+    one-line QpeftError naming `target`."""
     target = Path(target)
     ensure_absent(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -31,8 +85,10 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if reason := disk_error(exc):
+            raise QpeftError(f"cannot write {target}: {reason}") from exc
         raise
 
 
@@ -47,6 +103,8 @@ def atomic_file(target: Path) -> Iterator[Path]:
     try:
         yield Path(name)
         os.replace(name, target)
-    except BaseException:
+    except BaseException as exc:
         Path(name).unlink(missing_ok=True)
+        if reason := disk_error(exc):
+            raise QpeftError(f"cannot write {target}: {reason}") from exc
         raise

@@ -40,6 +40,13 @@ FORMAT_NAME = "qpeft"
 SCHEMA_VERSION = 2  # 2 added the checksums
 READABLE_VERSIONS = (1, 2)
 DEFAULT_SHARD_BYTES = 2 << 30
+# how the tensors that are not quantized (embeddings, norms, lm_head) are stored
+UNQUANTIZED_DTYPES = {"source": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """The UNQUANTIZED_DTYPES name of `dtype` (None: "source")."""
+    return next(name for name, value in UNQUANTIZED_DTYPES.items() if value == dtype)
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -94,16 +101,20 @@ def stream_model(
     selected: dict[str, str],
     convert: Callable[[str, torch.Tensor], dict[str, Any]],
     desc: str,
+    unquantized_dtype: torch.dtype | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Copy every tensor of `weights` into `writer`, except the selected ones (weight
     key → module name), which `convert(name, tensor)` writes itself; returns its
-    manifest entries by module name."""
+    manifest entries by module name. `unquantized_dtype`: the floating tensors that
+    are copied are stored in it (None: as in the source)."""
     entries: dict[str, dict[str, Any]] = {}
     with tqdm(total=len(weights.weight_map), desc=desc, unit="tensor") as bar:
         for key, tensor in weights.items():
             bar.update()
             if key in selected:
                 entries[selected[key]] = convert(selected[key], tensor)
+            elif unquantized_dtype is not None and tensor.is_floating_point():
+                writer.add(key, tensor.to(unquantized_dtype))
             else:
                 writer.add(key, tensor)
     writer.flush()
@@ -131,10 +142,12 @@ def is_checkpoint(path: Path) -> bool:
 def read_manifest(path: Path) -> dict[str, Any]:
     file = Path(path) / MANIFEST_NAME
     try:
-        manifest = json.loads(file.read_text())
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise QpeftError(f"cannot read {file}: it is not UTF-8 JSON ({exc.reason} at byte {exc.start})") from exc
     except (OSError, json.JSONDecodeError) as exc:
         raise QpeftError(f"cannot read {file}: {exc}") from exc
-    if manifest.get("format") != FORMAT_NAME:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise QpeftError(f"{file} is not a qpeft manifest")
     version = manifest.get("schema_version")
     if version not in READABLE_VERSIONS:
@@ -169,3 +182,17 @@ def iter_shards(path: Path, manifest: dict[str, Any], device: str = "cpu"):
                 if digests.get(key) != tensor_sha256(tensor):
                     raise QpeftError(f"checkpoint {path}: {shard} is corrupt: tensor {key} does not match its checksum")
         yield shard, tensors
+
+
+def verify_checkpoint(path: Path, manifest: dict[str, Any]) -> tuple[int, int]:
+    """Check every file and every tensor of a checkpoint against the manifest's sha256
+    (the other files by `read_manifest`, each shard whole, then tensor by tensor so an
+    error names the tensor); returns (files, tensors) checked. Schema 1 has no sums:
+    only that every shard is there and reads."""
+    sums = manifest.get("checksums", {})
+    shard_sums = {name: digest for name, digest in sums.get("files", {}).items() if name.endswith(".safetensors")}
+    tensors = sum(len(shard) for _, shard in iter_shards(path, manifest))
+    for name, digest in shard_sums.items():
+        if file_sha256(Path(path) / name) != digest:  # bytes outside the tensors: the header, padding
+            raise QpeftError(f"checkpoint {path}: {name} does not match its checksum (changed or corrupt)")
+    return len(sums.get("files", {})), tensors

@@ -31,21 +31,22 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype = torch.float32, **option
         return AutoModelForCausalLM.from_config(config, dtype=dtype, **options)
 
 
-def stored_linear(model_dir: Path, weights: SafetensorsWeights, targets: Sequence[str]) -> dict[str, int]:
-    """Selected linear layers (name → weight numel, in module order); an error names
-    any whose weight the safetensors files lack."""
+def stored_linear(model_dir: Path, weights: SafetensorsWeights, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Selected linear layers (name → weight shape (out, in), in module order); an
+    error names any whose weight the safetensors files lack."""
     skeleton = build_skeleton(model_dir)
     names = select_linear(skeleton, targets)
     absent = [n for n in names if f"{n}.weight" not in weights.weight_map]
     if absent:
         raise QpeftError(f"{model_dir}: selected weights not in the checkpoint: {absent[:3]}")
-    return {n: skeleton.get_submodule(n).weight.numel() for n in names}
+    return {n: tuple(skeleton.get_submodule(n).weight.shape) for n in names}
 
 
 def locate(spec: str | None) -> Path:
     """The directory behind MODEL_OR_CHECKPOINT: a qpeft checkpoint as it is, anything
     else resolved to a safetensors model directory (both hold the tokenizer)."""
     if spec is not None and is_checkpoint(Path(spec)):
+        read_manifest(Path(spec))  # a damaged manifest or a missing file: one line, before any loading
         return Path(spec)
     return resolve_model(spec)
 

@@ -50,10 +50,44 @@ def resolve_model(spec: str | None) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         return gguf_to_safetensors(path)
     if path.is_dir() and is_model_dir(path):
+        if _holds_packed_weights(path):
+            raise QpeftError(
+                f"{spec} looks like a qpeft checkpoint without its qpeft_manifest.json (removed, or never "
+                "finished): it cannot be read"
+            )
         return path
     if path.is_dir():
         raise QpeftError(f"{spec}: not a model directory (needs config.json and *.safetensors)")
     raise QpeftError(f"model not found: {spec} (give a model directory, a .gguf file, or '{DEFAULT_MODEL}')")
+
+
+def _holds_packed_weights(path: Path) -> bool:
+    """Whether a directory's safetensors hold qpeft's packed codes (`NAME.codes`): a
+    qpeft checkpoint's shards, which transformers cannot load."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.glob("*.safetensors"))[:1]:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                return any(key.endswith(".codes") for key in handle.keys())  # noqa: SIM118
+        except (SafetensorError, OSError):
+            return False
+    return False
+
+
+def check_gguf(gguf: Path) -> None:
+    """A one-line error unless `gguf` is a whole GGUF file (its header, metadata and
+    tensor table parse, and the tensor data fit in the file)."""
+    with gguf.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise QpeftError(f"cannot read GGUF file {gguf}: not a GGUF file (it does not begin with the bytes GGUF)")
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf)
+    except Exception as exc:  # the reader fails with struct, numpy or value errors on a cut file
+        raise QpeftError(f"cannot read GGUF file {gguf}: the file is truncated or damaged") from exc
 
 
 def _file_digest(path: Path) -> str:
@@ -75,10 +109,16 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     target = cache_dir() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
     if is_model_dir(target):
         return target
+    check_gguf(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(target.parent / f"{target.name}.lock"):
+    lock = target.parent / f"{target.name}.lock"
+    try:
+        with FileLock(lock):
+            if not is_model_dir(target):
+                _convert_gguf(gguf, target)
+    finally:
         if not is_model_dir(target):
-            _convert_gguf(gguf, target)
+            lock.unlink(missing_ok=True)  # a failed conversion leaves nothing in the cache
     return target
 
 

@@ -23,11 +23,24 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return any(p == leaf or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def parse_targets(text: str | None, what: str) -> tuple[str, ...]:
+    """Comma-separated patterns; None means the default set, and an empty list is an
+    error (`what` names the flag or recipe key in it)."""
+    if text is None:
+        return DEFAULT_TARGETS
+    patterns = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not patterns:
+        raise QpeftError(f"{what} is empty: name layers (e.g. q_proj,v_proj), or leave it out for the default set")
+    return patterns
+
+
 def select_linear(model: nn.Module, patterns: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
     """Names of the `nn.Linear` modules of `model` that match `patterns`, in module order."""
-    selected = [
-        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and matches(name, patterns)
-    ]
+    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    selected = [name for name in linear if matches(name, patterns)]
     if not selected:
-        raise QpeftError(f"no linear layer matches the patterns {list(patterns)}")
+        raise QpeftError(
+            f"no linear layer matches the patterns {list(patterns)} (a pattern is a module's last name, e.g. "
+            f"q_proj, or a glob of its full name); this model's include {', '.join(linear[:5])}"
+        )
     return selected

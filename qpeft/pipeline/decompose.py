@@ -40,7 +40,7 @@ from qpeft.calibration.fisher import FisherStats
 from qpeft.distributed import ObjectSender, barrier, broadcast_object, rank_and_world, receive_object
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory, atomic_file
-from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, stream_model, write_manifest
+from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, dtype_name, stream_model, write_manifest
 from qpeft.models.loading import stored_linear
 from qpeft.models.resolve import copy_model_files
 from qpeft.models.weights import SafetensorsWeights
@@ -110,6 +110,17 @@ def _read_rows(path: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def drop_torn_line(path: Path) -> None:
+    """Cut a cost shard back to its last whole line, so that rows appended on resume
+    start on a line of their own (a crash mid-write leaves a torn last line)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
 def prepare_work_dir(work: Path, settings: DecomposeSettings, resume: bool) -> None:
     """Create the work directory, or check that the one being resumed matches."""
     settings_file = work / "settings.json"
@@ -173,6 +184,7 @@ def compute_cost_table(
     rank, _ = rank_and_world()
     start = time.perf_counter()
     shard = work / f"costs-{rank}.jsonl"
+    drop_torn_line(shard)
     finished = {}
     for path in work.glob("costs-*.jsonl"):
         finished |= _read_rows(path)
@@ -183,7 +195,7 @@ def compute_cost_table(
     done = len(names) - len(todo)
     with (
         shard.open("a") as out,
-        tqdm(total=len(names), initial=done, desc="cost table", unit="matrix") as bar,
+        tqdm(total=len(names), initial=done, desc="cost table", unit="matrix", disable=rank != 0) as bar,
     ):
         while (index := counter.next()) < len(todo):
             name = todo[index]
@@ -390,16 +402,17 @@ def bits_heatmap(matrices: dict[str, Any], path: Path, title: str) -> None:
 
 def plan_matrices(
     model_dir: Path, targets: Sequence[str], grid: Sequence[QuantConfig], budget: float | None
-) -> tuple[list[str], list[int]]:
-    """The selected matrices and their sizes; errors (before any slow stage) if one is
-    missing from the weights or the budget cannot be met (None: one uniform config)."""
-    sizes = stored_linear(model_dir, SafetensorsWeights(model_dir), targets)
-    names, numel = list(sizes), list(sizes.values())
+) -> tuple[list[str], list[int], dict[str, tuple[int, int]]]:
+    """The selected matrices, their sizes and shapes; errors (before any slow stage) if
+    one is missing from the weights or the budget cannot be met or used whole (None:
+    one uniform config)."""
+    shapes = stored_linear(model_dir, SafetensorsWeights(model_dir), targets)
+    names, numel = list(shapes), [rows * cols for rows, cols in shapes.values()]
     if budget is None and len(grid) != 1:
         raise QpeftError("give a bit budget, or a single config")
     if budget is not None:
-        check_budget(budget, storage_bits_table(grid, numel), numel)
-    return names, numel
+        check_budget(budget, storage_bits_table(grid, numel), numel, above_ok=False)
+    return names, numel, shapes
 
 
 def decompose_model(
@@ -414,6 +427,7 @@ def decompose_model(
     costs_from: Path | None = None,
     source: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    unquantized_dtype: torch.dtype | None = None,
 ) -> dict[str, Any] | None:
     """Run stages 2–4 (the method holds its calibration) and write the checkpoint to
     `out_dir`; `budget` None with a one-config `grid` puts every matrix under that
@@ -423,7 +437,7 @@ def decompose_model(
     rank_id, world = rank_and_world()
     started = time.perf_counter()
     weights = SafetensorsWeights(model_dir)
-    names, numel = plan_matrices(model_dir, targets, grid, budget)
+    names, numel, _ = plan_matrices(model_dir, targets, grid, budget)
     calibration = method_settings(method)
     costed = {k: v for k, v in calibration.items() if k not in method.split_only}
     settings = DecomposeSettings(
@@ -484,7 +498,7 @@ def decompose_model(
     with atomic_directory(out_dir) as tmp:
         copy_model_files(model_dir, tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
-        matrices = stream_model(weights, writer, selected, split, "write")
+        matrices = stream_model(weights, writer, selected, split, "write", unquantized_dtype)
         matrices = {n: matrices[n] for n in names}
         if len(grid) > 1:
             save_cost_table(tmp / COST_TABLE_NAME, table)
@@ -502,6 +516,7 @@ def decompose_model(
             "method": method.name,
             "base_model": {"path": str(model_dir), "source": source or str(model_dir), "fingerprint": settings.model},
             "targets": list(targets),
+            "unquantized_dtype": dtype_name(unquantized_dtype),
             "settings": settings.as_dict()
             | {"budget": budget, "grid_size": len(grid), "split": {k: calibration[k] for k in method.split_only}},
             **{key: getattr(getattr(method, key, None), "metadata", None) for key in CALIBRATIONS},

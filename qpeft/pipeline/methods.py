@@ -175,3 +175,28 @@ class QWHA:
 
 
 METHODS = {"lqlora": LQLoRA, "qwha": QWHA}
+
+
+def max_rank(method: str, shape: tuple[int, int]) -> int:
+    """The largest rank a matrix of `shape` (d_out, d_in) can take: min(d_out, d_in)
+    for a low-rank L1·L2 (qlora, lqlora); for QWHA, whose rank r stands for
+    r·(d_in + d_out) values, as many as the matrix has entries."""
+    rows, cols = shape
+    return rows * cols // (rows + cols) if method == "qwha" else min(rows, cols)
+
+
+def check_rank(method: str, rank: int, shapes: dict[str, tuple[int, int]], what: str) -> None:
+    """Error (before any slow work) naming the matrix that cannot take `rank`; `what`
+    names the flag or recipe key."""
+    if not shapes:
+        return
+    name = min(shapes, key=lambda n: max_rank(method, shapes[n]))
+    rows, cols = shapes[name]
+    limit = max_rank(method, shapes[name])
+    if rank <= limit:
+        return
+    if method == "qwha":
+        why = f"QWHA's {rank * (rows + cols):,} values would exceed its {rows * cols:,} entries (rank at most {limit})"
+    else:
+        why = f"a low-rank L1·L2 has rank at most {limit}"
+    raise QpeftError(f"{what} {rank} is too large for {name} ({rows}×{cols}): {why}")

@@ -17,7 +17,7 @@ import torch
 
 import qpeft
 from qpeft.io.atomic import atomic_directory
-from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, stream_model, write_manifest
+from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, dtype_name, stream_model, write_manifest
 from qpeft.models.loading import stored_linear
 from qpeft.models.resolve import copy_model_files
 from qpeft.models.selection import DEFAULT_TARGETS
@@ -50,9 +50,11 @@ def quantize_model(
     device: str = "cpu",
     source: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    unquantized_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Write a qpeft checkpoint of `model_dir` with every selected matrix under `config`.
-    Returns the manifest."""
+    """Write a qpeft checkpoint of `model_dir` with every selected matrix under `config`
+    (the other tensors as in the source, or in `unquantized_dtype`). Returns the
+    manifest."""
     start = time.perf_counter()
     weights = SafetensorsWeights(model_dir)
     selected = {f"{name}.weight": name for name in stored_linear(model_dir, weights, targets)}
@@ -65,6 +67,7 @@ def quantize_model(
             selected,
             lambda name, tensor: _quantize_matrix(tensor.to(device), config, f"{name}.weight", writer),
             "quantize",
+            unquantized_dtype,
         )
         numel = sum(m["shape"][0] * m["shape"][1] for m in matrices.values())
         stored = sum(storage_bits(config, m["shape"][0] * m["shape"][1]) for m in matrices.values())
@@ -72,6 +75,7 @@ def quantize_model(
             "method": "quantize",
             "base_model": {"path": str(model_dir), "source": source or str(model_dir)},
             "targets": list(targets),
+            "unquantized_dtype": dtype_name(unquantized_dtype),
             "quantized": matrices,
             "summary": {
                 "matrices": len(matrices),

@@ -59,19 +59,42 @@ def _local_file(source: str) -> Path:
     return path
 
 
+def quiet_datasets() -> None:
+    """No "Generating train split" bar from `datasets` for each file it reads: the run
+    has its own bars, and a local file is read in well under a second."""
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def check_data_file(source: str, text: bool) -> None:
+    """One-line errors for a data file that is missing, empty, not UTF-8, or (`text`)
+    binary, before `datasets` sees it (its errors on these are tracebacks)."""
+    path = _local_file(source)
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise QpeftError(f"data file {source} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise QpeftError(f"cannot read data file {source}: {exc.strerror}") from exc
+    if not content.strip():
+        raise QpeftError(f"data file {source} is empty")
+    if text and "\x00" in content:
+        raise QpeftError(f"data file {source} holds NUL bytes: it is not a text file")
+
+
 def load_text(source: str, split: str = "valid") -> str:
     """A text file's contents via `datasets` (or the built-in WikiText-2 `split`)."""
-    path = dataset_path("wikitext2", split) if source == "wikitext2" else _local_file(source)
+    if source == "wikitext2":
+        path = dataset_path("wikitext2", split)
+    else:
+        check_data_file(source, text=True)
+        path = Path(source)
     from datasets import load_dataset
 
-    try:
-        lines = load_dataset("text", data_files=str(path), split="train", keep_linebreaks=True)["text"]
-    except UnicodeDecodeError as exc:
-        raise QpeftError(f"{source} is not UTF-8 text ({exc.reason})") from exc
-    text = "".join(lines)
-    if not text.strip():
-        raise QpeftError(f"data file {source} is empty")
-    return text
+    quiet_datasets()
+    lines = load_dataset("text", data_files=str(path), split="train", keep_linebreaks=True)["text"]
+    return "".join(lines)
 
 
 def text_blocks(tokenizer, text: str, seqlen: int, source: str) -> list[Example]:
@@ -89,7 +112,9 @@ def text_blocks(tokenizer, text: str, seqlen: int, source: str) -> list[Example]
 def alpaca_examples(tokenizer, source: str, seqlen: int) -> list[Example]:
     from datasets import load_dataset
 
-    path = _local_file(source)
+    check_data_file(source, text=False)
+    path = Path(source)
+    quiet_datasets()
     try:
         records = load_dataset("json", data_files=str(path), split="train")
     except Exception as exc:  # datasets raises several types for unreadable JSON

@@ -45,12 +45,34 @@ def base_dir(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / BASE_DIR
 
 
+def check_method_inputs(recipe: Recipe) -> Path:
+    """Check what the base will be made from before anything is made: the model, the
+    targets, and the rank against every selected matrix. Returns the directory whose
+    tokenizer the run uses (the model's, which the base copies; or the checkpoint)."""
+    from qpeft.models.loading import stored_linear
+    from qpeft.models.resolve import resolve_model
+    from qpeft.models.selection import parse_targets
+    from qpeft.models.weights import SafetensorsWeights
+    from qpeft.pipeline.methods import check_rank
+
+    m = recipe.method
+    if m.name == "checkpoint":
+        return base_dir(recipe)
+    model_dir = resolve_model(recipe.model)
+    targets = parse_targets(m.targets, "recipe key method.targets")
+    shapes = stored_linear(model_dir, SafetensorsWeights(model_dir), targets)
+    check_rank(m.name, m.rank, shapes, "recipe key method.rank")
+    return model_dir
+
+
 def check_base_matches(recipe: Recipe, previous: Path) -> None:
     """A base left in OUTPUT_DIR by an earlier run (its recipe: `previous`) is reused
     only if this recipe would make the same one."""
     base = base_dir(recipe)
-    if recipe.method.name == "checkpoint" or not is_checkpoint(base) or not previous.is_file():
+    if recipe.method.name == "checkpoint" or not is_checkpoint(base):
         return
+    if not previous.is_file():
+        raise QpeftError(f"{base} was not made by a qpeft training run (no {previous}): choose another output_dir")
     body = json.loads(previous.read_text())
     earlier = Recipe(model=body["model"], method=MethodSection(**body["method"]))
     if base_command(earlier, base) != base_command(recipe, base):
@@ -60,15 +82,21 @@ def check_base_matches(recipe: Recipe, previous: Path) -> None:
         )
 
 
-def build_base(recipe: Recipe) -> None:
-    """Make the base checkpoint with `qpeft quantize` / `qpeft decompose`. Under
-    torch.distributed every process of a decomposition calls this (the cost table is
-    split across them and rank 0 writes); a quantization runs on one process."""
-    from qpeft.cli import main
+def build_base(recipe: Recipe, resume: bool = False) -> None:
+    """Make the base checkpoint with `qpeft quantize` / `qpeft decompose` (their errors
+    reach the caller as they are). Under torch.distributed every process of a
+    decomposition calls this (the cost table is split across them and rank 0 writes);
+    a quantization runs on one process. `resume`: continue a decomposition's
+    interrupted cost table."""
+    from qpeft.cli import COMMANDS, build_parser
+    from qpeft.pipeline.decompose import work_dir_for
 
-    argv = base_command(recipe, base_dir(recipe))
-    if main(argv) != 0:
-        raise QpeftError(f"making the base checkpoint failed: qpeft {' '.join(argv)}")
+    base = base_dir(recipe)
+    argv = base_command(recipe, base)
+    if resume and argv[0] == "decompose" and work_dir_for(base).is_dir():
+        argv.append("--resume")
+    args = build_parser().parse_args(argv)
+    COMMANDS[args.command](args)
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> None:

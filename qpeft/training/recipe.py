@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from qpeft.errors import QpeftError
+from qpeft.models.selection import parse_targets
 
 METHODS = ("qlora", "lqlora", "qwha", "checkpoint")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
@@ -146,6 +147,8 @@ def _check(recipe: Recipe) -> None:
         f"recipe key method.budget: {m.name} needs a budget or a config (one of them)",
     )
     need(m.rank > 0 or m.name == "checkpoint", f"recipe key method.rank: must be positive, got {m.rank}")
+    if m.targets is not None:
+        parse_targets(m.targets, "recipe key method.targets")
     need(d.seqlen > 1, f"recipe key data.seqlen: must be at least 2, got {d.seqlen}")
     need(d.format in (None, "text", "alpaca"), f"recipe key data.format: text or alpaca, got {d.format!r}")
     need((t.steps is None) != (t.epochs is None), "recipe key train.steps: give train.steps or train.epochs (one)")

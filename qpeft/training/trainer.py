@@ -33,10 +33,12 @@ from qpeft.io.checkpoint import is_checkpoint
 from qpeft.training.data import collate, load_examples, load_text
 from qpeft.training.export import save_trained
 from qpeft.training.model import (
+    BASE_DIR,
     add_lora,
     base_dir,
     build_base,
     check_base_matches,
+    check_method_inputs,
     freeze_all_but_adapters,
     trainable_state,
 )
@@ -173,21 +175,69 @@ def _evaluate(model, eval_ids: torch.Tensor, recipe: Recipe, device: torch.devic
     return result.ppl
 
 
-def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run the recipe; returns the final progress record (step, losses, eval ppl)."""
+def has_run(out: Path) -> bool:
+    """Whether `out` holds a qpeft training run (its recipe.json, written first)."""
+    return (Path(out) / RECIPE_NAME).is_file()
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """What `train` may do with OUTPUT_DIR, decided before anything is written: a new
+    or empty directory is used; a run's own directory only with --resume (or
+    --overwrite); anything else (a user's files) only with --overwrite."""
+    from qpeft.io.atomic import check_writable
+
+    if out.exists() and not out.is_dir():
+        raise QpeftError(f"output_dir {out} is a file, not a directory")
+    if has_run(out):
+        if not (resume or overwrite):
+            raise QpeftError(
+                f"{out} holds a training run: pass --resume to continue it, --overwrite to start over, "
+                "or choose another output_dir"
+            )
+    elif resume:
+        raise QpeftError(f"--resume: {out} holds no qpeft training run")
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise QpeftError(
+            f"output_dir {out} is not empty and holds no qpeft training run: choose another output_dir, "
+            "or pass --overwrite to replace what it holds"
+        )
+    check_writable(out / RECIPE_NAME if out.exists() else out)
+
+
+def _examples_and_eval(recipe: Recipe, tokenizer) -> tuple[list, torch.Tensor | None]:
+    from qpeft.eval.perplexity import tokenize
+
+    examples = load_examples(tokenizer, recipe.data.train, recipe.data.format, recipe.data.seqlen)
+    eval_ids = None
+    if recipe.data.eval is not None:
+        eval_ids = tokenize(tokenizer, load_text(recipe.data.eval, "test"))
+    return examples, eval_ids
+
+
+def train(recipe: Recipe, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Run the recipe; returns the final progress record (step, losses, eval ppl).
+
+    Everything that can be checked is checked before any slow or irreversible step:
+    OUTPUT_DIR (`check_output_dir`), the model, the data (read and tokenized), the
+    rank against every selected matrix, and a base left by an earlier run against
+    this recipe. Only then is recipe.json written (it marks the run) and the base
+    made."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
     from transformers import AutoTokenizer
 
-    from qpeft.eval.perplexity import tokenize
+    from qpeft.io.atomic import remove_partials
     from qpeft.models.loading import load_checkpoint
 
     out = Path(recipe.output_dir)
+    check_output_dir(out, resume, overwrite)
     has_state = (out / STATE_DIR).exists() or (out / f"{STATE_DIR}.old").exists()
-    if has_state and not resume:
-        raise QpeftError(f"{out} holds a training run: pass --resume to continue it, or choose another output_dir")
-    if resume and not has_state:
-        raise QpeftError(f"--resume: {out} has no saved training state")
+    resumed = resume and has_state  # a run stopped before its first save starts at step 0
+    base = base_dir(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(check_method_inputs(recipe))
+    examples, eval_ids = _examples_and_eval(recipe, tokenizer)
+    if resume:
+        check_base_matches(recipe, out / RECIPE_NAME)
     t = recipe.train
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum,
@@ -204,21 +254,21 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
             "(every process holds the whole model)",
             file=sys.stderr,
         )
+    accelerator.wait_for_everyone()  # every process has checked OUTPUT_DIR before it changes
     if main:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-    base = base_dir(recipe)
-    check_base_matches(recipe, out / RECIPE_NAME)
+        for stale in (MODEL_DIR, f"{STATE_DIR}.new", BASE_DIR):
+            remove_partials(out / stale)  # what a killed write left
+        if not resume:
+            (out / RECIPE_NAME).write_text(json.dumps(recipe.as_dict(), indent=1))
+    accelerator.wait_for_everyone()
     if not is_checkpoint(base):
         decomposition = recipe.method.name in ("lqlora", "qwha")
         if main or (decomposition and accelerator.num_processes > 1):
-            build_base(recipe)
+            build_base(recipe, resume)
     accelerator.wait_for_everyone()
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    examples = load_examples(tokenizer, recipe.data.train, recipe.data.format, recipe.data.seqlen)
-    eval_ids = None
-    if recipe.data.eval is not None:
-        eval_ids = tokenize(tokenizer, load_text(recipe.data.eval, "test"))
 
     device = accelerator.device
     model = load_checkpoint(base, torch.float32, "cpu" if device.type == "cpu" else str(device))  # not "cpu:0"
@@ -243,7 +293,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     scheduler = _scheduler(recipe, optimizer, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = {"step": 0, "micro": 0, "tokens": 0, "seconds": 0.0}
-    if resume:
+    if resumed:
         state = load_state(out, accelerator.unwrap_model(model), optimizer, scheduler)
     log = out / LOG_NAME
     tracker = None
@@ -251,9 +301,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         from torch.utils.tensorboard import SummaryWriter
 
         tracker = SummaryWriter(str(out / "tensorboard"))
-        if not resume:
+        if not resumed:
             log.write_text("")
-            (out / RECIPE_NAME).write_text(json.dumps(recipe.as_dict(), indent=1))
 
     def record(row: dict[str, Any]) -> None:
         if not main:
@@ -264,7 +313,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
             if key != "step":
                 tracker.add_scalar(key, value, row["step"])
 
-    if main and eval_ids is not None and state["step"] == 0 and not resume:
+    if main and eval_ids is not None and state["step"] == 0 and not resumed:
         record(
             {"step": 0, "eval_ppl": _evaluate(accelerator.unwrap_model(model), eval_ids, recipe, accelerator.device)}
         )
@@ -272,49 +321,52 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=not (progress and main))
     started, window_loss, window_micro = time.perf_counter() - state["seconds"], 0.0, 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    while state["step"] < total:
-        epoch, position = divmod(state["micro"], batches_per_epoch)
-        order = _epoch_order(len(examples), recipe.seed, epoch)
-        start = (position * world + accelerator.process_index) * t.batch_size
-        indices = order[start : start + t.batch_size]
-        batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
-        with accelerator.accumulate(model):
-            loss = model(**batch, use_cache=False).loss
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and t.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            if accelerator.sync_gradients:
-                scheduler.step()
-            optimizer.zero_grad()
-        state["micro"] += 1
-        state["tokens"] += int(accelerator.reduce(batch["attention_mask"].sum(), "sum"))  # every process's
-        window_loss += float(loss.detach())
-        window_micro += 1
-        if not accelerator.sync_gradients:
-            continue
-        state["step"] += 1
-        state["seconds"] = time.perf_counter() - started
-        bar.update()
-        step = state["step"]
-        if step % t.log_every == 0 or step == total:
-            mean_loss = float(
-                accelerator.reduce(torch.tensor(window_loss / window_micro, device=accelerator.device), "mean")
-            )
-            tokens_per_s = state["tokens"] / max(state["seconds"], 1e-9)
-            record({"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s})
-            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
-            window_loss, window_micro = 0.0, 0
-        if eval_ids is not None and main and (step == total or (t.eval_every and step % t.eval_every == 0)):
-            ppl = _evaluate(accelerator.unwrap_model(model), eval_ids, recipe, accelerator.device)
-            state["eval_ppl"] = ppl
-            record({"step": step, "eval_ppl": ppl})
-        if step == total or (t.save_every and step % t.save_every == 0):
-            accelerator.wait_for_everyone()
-            if main:
-                save_state(out, accelerator.unwrap_model(model), optimizer, scheduler, state)
-            accelerator.wait_for_everyone()
-    bar.close()
+    try:
+        while state["step"] < total:
+            epoch, position = divmod(state["micro"], batches_per_epoch)
+            order = _epoch_order(len(examples), recipe.seed, epoch)
+            start = (position * world + accelerator.process_index) * t.batch_size
+            indices = order[start : start + t.batch_size]
+            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
+            with accelerator.accumulate(model):
+                loss = model(**batch, use_cache=False).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            state["micro"] += 1
+            state["tokens"] += int(accelerator.reduce(batch["attention_mask"].sum(), "sum"))  # every process's
+            window_loss += float(loss.detach())
+            window_micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            state["step"] += 1
+            state["seconds"] = time.perf_counter() - started
+            bar.update()
+            step = state["step"]
+            if step % t.log_every == 0 or step == total:
+                mean_loss = float(
+                    accelerator.reduce(torch.tensor(window_loss / window_micro, device=accelerator.device), "mean")
+                )
+                tokens_per_s = state["tokens"] / max(state["seconds"], 1e-9)
+                lr = scheduler.get_last_lr()[0]
+                record({"step": step, "loss": mean_loss, "lr": lr, "tokens_per_s": tokens_per_s})
+                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                window_loss, window_micro = 0.0, 0
+            if eval_ids is not None and main and (step == total or (t.eval_every and step % t.eval_every == 0)):
+                ppl = _evaluate(accelerator.unwrap_model(model), eval_ids, recipe, accelerator.device)
+                state["eval_ppl"] = ppl
+                record({"step": step, "eval_ppl": ppl})
+            if step == total or (t.save_every and step % t.save_every == 0):
+                accelerator.wait_for_everyone()
+                if main:
+                    save_state(out, accelerator.unwrap_model(model), optimizer, scheduler, state)
+                accelerator.wait_for_everyone()
+    finally:
+        bar.close()  # before any error line, so that it stands last
     if main:
         tracker.close()
         plot_losses(log, out / "loss.png")
