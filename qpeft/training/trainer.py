@@ -261,8 +261,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, overwrite
         out.mkdir(parents=True, exist_ok=True)
         for stale in (MODEL_DIR, f"{STATE_DIR}.new", BASE_DIR):
             remove_partials(out / stale)  # what a killed write left
-        if not resume:
-            (out / RECIPE_NAME).write_text(json.dumps(recipe.as_dict(), indent=1))
+        if not resumed:  # a run with no saved state starts over: its recipe is this one
+            with atomic_file(out / RECIPE_NAME) as tmp:
+                tmp.write_text(json.dumps(recipe.as_dict(), indent=1))
     accelerator.wait_for_everyone()
     if not is_checkpoint(base):
         decomposition = recipe.method.name in ("lqlora", "qwha")
