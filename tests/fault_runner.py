@@ -41,6 +41,8 @@ def inject(target: str, fault: str) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[2] == "INT":  # a shell's background job starts with SIGINT ignored; Ctrl-C needs Python's handler
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     inject(sys.argv[1], sys.argv[2])
     from qpeft.cli import main
 
