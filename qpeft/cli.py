@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -237,81 +236,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise QpeftError(f"{name} must be a positive integer, got {value}")
+def _calibration(args: argparse.Namespace, source: str = "wikitext2"):
+    from qpeft.pipeline.stages import CalibrationOptions
 
-
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as exc:
-        raise QpeftError(f"unknown device {device!r} (use cpu or cuda)") from exc
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise QpeftError(f"--device {device}: CUDA is not available on this machine")
-
-
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from qpeft.io.atomic import check_output
-    from qpeft.io.checkpoint import UNQUANTIZED_DTYPES
-    from qpeft.models.resolve import resolve_model
-    from qpeft.pipeline.quantize import quantize_model
-    from qpeft.quant import parse_config
-
-    config = parse_config(args.config)
-    targets = _targets(args.targets)
-    _check_device(args.device)
-    check_output(args.out)  # before the slow steps, not only when writing starts
-    model_dir = resolve_model(args.model)
-    manifest = quantize_model(
-        model_dir,
-        args.out,
-        config,
-        targets,
-        args.device,
-        source=args.model or "smollm2",
-        unquantized_dtype=UNQUANTIZED_DTYPES[args.unquantized_dtype],
-    )
-    summary = manifest["summary"]
-    print(
-        f"wrote {args.out} ({_checkpoint_size(args.out)}): {summary['matrices']} matrices, "
-        f"{summary['params']:,} parameters, "
-        f"{config.name} = {summary['nominal_bits']:.3f} bits/param nominal, "
-        f"{summary['bits_per_param']:.4f} stored (padding and offsets included)"
-    )
-
-
-def _check_calib(args: argparse.Namespace) -> None:
-    for flag in ("calib_sequences", "calib_seqlen", "calib_batch_size"):
-        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    if args.calib_seqlen < 2:
-        raise QpeftError("--calib-seqlen must be at least 2 tokens")
-
-
-def _run_calibration(
-    args: argparse.Namespace,
-    model_dir: Path,
-    out: Path | None = None,
-    device: str | None = None,
-    activations: bool = False,
-):
-    from qpeft.pipeline.calibrate import calibrate
-
-    return calibrate(
-        model_dir,
-        _targets(args.targets),
-        args.calib,
+    return CalibrationOptions(
+        getattr(args, "calib", None) or source,
         args.calib_sequences,
         args.calib_seqlen,
         args.calib_seed,
         args.calib_batch_size,
-        device or args.device,
         args.calib_dtype,
-        out,
         args.fisher_elementwise,
-        activations,
+    )
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from qpeft.pipeline.stages import QuantizeRequest, run_quantize
+
+    request = QuantizeRequest(args.model, args.out, args.config, args.targets, args.device, args.unquantized_dtype)
+    manifest = run_quantize(request)
+    summary, config = manifest["summary"], next(iter(manifest["quantized"].values()))["config"]
+    print(
+        f"wrote {args.out} ({_checkpoint_size(args.out)}): {summary['matrices']} matrices, "
+        f"{summary['params']:,} parameters, "
+        f"{config} = {summary['nominal_bits']:.3f} bits/param nominal, "
+        f"{summary['bits_per_param']:.4f} stored (padding and offsets included)"
     )
 
 
@@ -319,122 +268,57 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from calib.batches import calibration_text
     from qpeft.io.atomic import check_writable
     from qpeft.models.resolve import resolve_model
+    from qpeft.pipeline.stages import check_device, fisher
 
-    _check_calib(args)
-    _check_device(args.device)
-    _targets(args.targets)
+    calib = _calibration(args)
+    calib.check()
+    check_device(args.device)
+    targets = _targets(args.targets)
     if args.out.suffix != ".safetensors":
         raise QpeftError(f"--out should name a .safetensors file, got {args.out}")
     if args.out.exists():
         raise QpeftError(f"output file already exists: {args.out}")
     check_writable(args.out)
     calibration_text(args.calib)  # fail on bad data before loading the model
-    stats, cached, hit = _run_calibration(args, resolve_model(args.model), args.out)
+    stats, cached, hit = fisher(resolve_model(args.model), targets, calib, args.device, args.out)
     how = f"reused {cached}" if hit else f"cached as {cached}"
     what = "row/column means and full diagonal" if stats.element else "row/column means"
     print(f"wrote {args.out}: Fisher {what} of {len(stats.row_mean)} matrices ({how})")
 
 
 def cmd_decompose(args: argparse.Namespace) -> None:
-    from calib.batches import calibration_text
-    from qpeft.allocation.grid import parse_grid
-    from qpeft.allocation.ilp import parse_budget
-    from qpeft.calibration.activations import check_gram_memory
-    from qpeft.distributed import init_distributed, rank_and_world
-    from qpeft.io.atomic import check_output, remove_partials
-    from qpeft.io.checkpoint import UNQUANTIZED_DTYPES
-    from qpeft.models.resolve import resolve_model
-    from qpeft.pipeline.calibrate import calibrate_activations, fisher_for
-    from qpeft.pipeline.decompose import decompose_model, format_type_table, plan_matrices
-    from qpeft.pipeline.methods import QWHA, LQLoRA, check_rank
-    from qpeft.quant import parse_config
+    from qpeft.pipeline.decompose import format_type_table
+    from qpeft.pipeline.stages import DecomposeRequest, run_decompose
 
-    budget = None if args.budget is None else parse_budget(args.budget)
-    if args.rank < 0:
-        raise QpeftError(f"--rank must be 0 or more, got {args.rank}")
-    if args.refine_iters < 0:
-        raise QpeftError(f"--refine-iters must be 0 or more, got {args.refine_iters}")
-    if args.method == "qwha" and (args.fisher is not None or args.no_fisher or args.fisher_elementwise):
-        raise QpeftError(
-            "--fisher, --no-fisher and --fisher-elementwise are LQ-LoRA options: QWHA is initialised from activations"
-        )
-    if args.method == "qwha" and args.rounding is not None:
-        raise QpeftError("--rounding is an LQ-LoRA option: QWHA's adapter is initialised against round-to-nearest Q")
-    if args.no_fisher and args.fisher_elementwise:
-        raise QpeftError("--fisher-elementwise needs a Fisher: drop --no-fisher")
-    if args.alpha < 0:
-        raise QpeftError(f"--alpha must be 0 or more, got {args.alpha}")
-    if args.config and args.configs:
-        raise QpeftError(
-            "--configs lists the ILP's candidates for --budget; --config puts every matrix under one config: "
-            "give one of them"
-        )
-    grid = [parse_config(args.config)] if args.config else parse_grid(args.configs or "lqlora")
-    targets = _targets(args.targets)
-    _check_calib(args)
-    _check_device(args.device)
-    check_output(args.out)
-    if args.costs is not None and not args.costs.exists():
-        raise QpeftError(f"--costs: {args.costs} does not exist")
-    rounding = args.rounding or "gptq"
-    if args.method == "qwha" or rounding == "gptq" or (not args.no_fisher and args.fisher is None):
-        calibration_text(args.calib)
-    device = init_distributed(args.device)
-    model_dir = resolve_model(args.model)
-    names, _, shapes = plan_matrices(model_dir, targets, grid, budget)  # fail before the slow stages
-    check_rank(args.method, args.rank, shapes, "--rank")
-    if args.resume and rank_and_world()[0] == 0:
-        remove_partials(args.out)  # what a killed write left
-    if args.method == "qwha" or rounding == "gptq":
-        in_features = {n: shapes[n][1] for n in names}
-        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if args.method == "qwha":
-            check_gram_memory(in_features, processes, "QWHA's initialisation", "select fewer layers (--targets)")
-        else:
-            check_gram_memory(
-                in_features, processes, "gptq rounding", "use --rounding nearest (the paper's rounding, no XᵀX)"
-            )
-    calib = (args.calib, args.calib_sequences, args.calib_seqlen, args.calib_seed, args.calib_batch_size)
-    if args.method == "qwha":
-        grams = calibrate_activations(model_dir, targets, *calib, device, args.calib_dtype)[0]
-        method = QWHA(args.rank, grams, args.alpha, args.refine)
-    else:
-        fisher = None
-        if args.fisher is not None:
-            fisher = fisher_for(args.fisher, names, args.fisher_elementwise)
-        elif not args.no_fisher:
-            # gptq rounding also needs the inputs' XᵀX: collected in the Fisher's pass
-            fisher = _run_calibration(args, model_dir, device=device, activations=rounding == "gptq")[0]
-        grams = None
-        if rounding == "gptq":
-            grams = calibrate_activations(model_dir, targets, *calib, device, args.calib_dtype)[0]
-        method = LQLoRA(
-            args.rank,
-            fisher,
-            args.seed,
-            refine_iters=args.refine_iters,
-            refine=args.refine,
-            rounding=rounding,
-            grams=grams,
-        )
-    manifest = decompose_model(
-        model_dir,
+    request = DecomposeRequest(
+        args.model,
         args.out,
-        budget,
-        method,
-        targets,
-        grid,
-        device,
-        args.resume,
-        args.costs,
-        args.model or "smollm2",
-        unquantized_dtype=UNQUANTIZED_DTYPES[args.unquantized_dtype],
+        method=args.method,
+        budget=args.budget,
+        config=args.config,
+        rank=args.rank,
+        alpha=args.alpha,
+        fisher=args.fisher,
+        no_fisher=args.no_fisher,
+        calib=_calibration(args),
+        configs=args.configs,
+        targets=args.targets,
+        device=args.device,
+        seed=args.seed,
+        refine_iters=args.refine_iters,
+        refine=args.refine,
+        rounding=args.rounding,
+        resume=args.resume,
+        costs=args.costs,
+        unquantized_dtype=args.unquantized_dtype,
     )
+    manifest = run_decompose(request)
     if manifest is None:  # a non-zero rank of a distributed run
         return
     s = manifest["summary"]
     print(format_type_table(manifest["by_type"]))
-    target = f"config {grid[0].name}" if budget is None else f"budget {budget:g}"
+    budget = s.get("budget")
+    target = f"config {manifest['settings']['grid'][0]}" if budget is None else f"budget {budget:g}"
     line = (
         f"wrote {args.out} ({_checkpoint_size(args.out)}): "
         f"{s['matrices']} matrices, Q {s['bits_per_param']:.4f} bits/param ({target}); "
@@ -451,13 +335,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from qpeft.eval.perplexity import count_windows, load_eval_text, perplexity, tokenize
     from qpeft.models.loading import load_model, locate
+    from qpeft.pipeline.stages import check_device, positive
     from qpeft.quant.blockwise import TORCH_DTYPES
 
-    _positive("--seqlen", args.seqlen)
+    positive("--seqlen", args.seqlen)
     if args.seqlen < 2:
         raise QpeftError(f"--seqlen must be at least 2 tokens, got {args.seqlen}")
-    _positive("--max-windows", args.max_windows)
-    _check_device(args.device)
+    positive("--max-windows", args.max_windows)
+    check_device(args.device)
     text = load_eval_text(args.data, args.text_file)
     path = locate(args.model)
     context = json.loads((path / "config.json").read_text()).get("max_position_embeddings")

@@ -12,7 +12,9 @@ import torch
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
+from qpeft import kernels  # noqa: E402
 from qpeft.kernels import DEQUANT_ENV  # noqa: E402
+from qpeft.kernels.bnb import bnb_dequantize  # noqa: E402
 from qpeft.quant import (  # noqa: E402
     PRESETS,
     dequantize,
@@ -20,7 +22,7 @@ from qpeft.quant import (  # noqa: E402
     dynamic_codebook,
     quantize,
 )
-from qpeft.quant.bnb_format import bnb_dequantize, from_bnb  # noqa: E402
+from qpeft.quant.bnb_format import from_bnb  # noqa: E402
 
 
 def _bnb(weight):
@@ -34,7 +36,7 @@ def _check_parity(weight):
     # 1. NF4 codes: byte for byte
     assert torch.equal(qt.codes[: packed.numel()], packed.reshape(-1))
     # 2. qpeft's dequantizer on bitsandbytes' state: bit for bit
-    assert torch.equal(dequantize(from_bnb(packed, state), dtype=weight.dtype, use_bnb=False), bnb_deq)
+    assert torch.equal(dequantize(from_bnb(packed, state), dtype=weight.dtype), bnb_deq)
     # 3. the same storage: as many scale codes, second-level scales, and code bytes
     assert qt.scales.numel() == state.absmax.numel()
     assert qt.scale_scales.numel() == state.state2.absmax.numel()
@@ -114,8 +116,8 @@ def test_bnb_kernels_dequantize_bit_for_bit(shape, dtype):
     qt = quantize(torch.randn(shape, generator=torch.Generator().manual_seed(1)), PRESETS["nf4"])
     fast = bnb_dequantize(qt, dtype)
     assert fast is not None  # bitsandbytes is installed here: its kernels must be taken
-    assert torch.equal(fast, dequantize(qt, dtype, use_bnb=False))
-    assert torch.equal(dequantize(qt, dtype), fast)
+    assert torch.equal(fast, dequantize(qt, dtype))  # qpeft's torch ops
+    assert torch.equal(kernels.dequantize(qt, dtype), fast)
 
 
 @pytest.mark.parametrize("config", ["nf4-b64-fp32", "nf3", "nf4-b32-s8x256-fp32"])
@@ -131,11 +133,15 @@ def test_bnb_kernels_skip_rows_of_partial_blocks(shape):
     # bitsandbytes 0.50's CPU kernel dequantizes 64x32 and 2x96 wrongly: qpeft's path takes them
     qt = quantize(torch.randn(shape), PRESETS["nf4"])
     assert bnb_dequantize(qt, torch.float32) is None
-    assert torch.equal(dequantize(qt), dequantize(qt, use_bnb=False))
+    assert torch.equal(kernels.dequantize(qt), dequantize(qt))
 
 
 def test_bnb_kernels_can_be_turned_off(monkeypatch):
     qt = quantize(torch.randn(6, 64), PRESETS["nf4"])
     assert bnb_dequantize(qt, torch.float32) is not None  # the per-device probe has passed and is cached
+    called = []
+    monkeypatch.setattr("qpeft.kernels.bnb.bnb_dequantize", lambda *args: called.append(args))
+    kernels.dequantize(qt)
+    assert len(called) == 1
     monkeypatch.setenv(DEQUANT_ENV, "torch")
-    assert bnb_dequantize(qt, torch.float32) is None
+    assert torch.equal(kernels.dequantize(qt), dequantize(qt)) and len(called) == 1  # not asked

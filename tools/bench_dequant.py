@@ -8,7 +8,7 @@
    `qpeft.quant.packing.decode_lut` builds), on random codes and on the same codes
    sorted (long runs of one byte; NF4 pairs whose second value is 0.0 read as
    subnormal float64s).
-2. `dequantize` of that NF4 matrix to bf16 with qpeft's torch ops (`use_bnb=False`)
+2. `dequantize` of that NF4 matrix to bf16 with qpeft's torch ops (`qpeft.quant.dequantize`)
    and with the default (bitsandbytes' compiled kernels for this format).
 Median milliseconds of `--repeats` calls after 3 warm-up calls, one process.
 """
@@ -20,6 +20,7 @@ import argparse
 import torch
 from bench_quant import timed
 
+from qpeft import kernels
 from qpeft.quant import PRESETS, dequantize, nf_codebook, quantize
 from qpeft.quant.packing import _byte_lut_cpu, decode_lut
 
@@ -48,8 +49,8 @@ def main() -> None:
     for name, table in tables.items():
         row = [median_ms(lambda t=table, c=c: t.index_select(0, c), args.repeats) for c in codes.values()]
         print(f"{name:<26} {row[0]:>13.3f} {row[1]:>13.3f}")
-    torch_ops = median_ms(lambda: dequantize(qt, torch.bfloat16, use_bnb=False), args.repeats)
-    default = median_ms(lambda: dequantize(qt, torch.bfloat16), args.repeats)
+    torch_ops = median_ms(lambda: dequantize(qt, torch.bfloat16), args.repeats)
+    default = median_ms(lambda: kernels.dequantize(qt, torch.bfloat16), args.repeats)
     print(f"dequantize 576x1536 NF4 to bf16: torch ops {torch_ops:.3f}, default (bitsandbytes) {default:.3f}")
 
 

@@ -6,7 +6,7 @@ Both libraries quantize the same bf16 matrix and dequantize it back to bf16 in t
 same process; the table gives the median time of `--repeat` runs, the throughput
 in millions of weights per second, and qpeft's speed as a ratio to bitsandbytes'
 (> 1: qpeft is faster). qpeft's side is its own torch-ops dequantizer
-(`use_bnb=False`): the one every non-bitsandbytes config uses; by default an NF4
+(`qpeft.quant.dequantize`): the one every non-bitsandbytes config uses; by default an NF4
 matrix in bitsandbytes' own format is dequantized by bitsandbytes' kernel itself.
 
 With --memory (CPU), each (library, operation) also runs once in a fresh child
@@ -84,7 +84,7 @@ def memory_child(library: str, op: str, rows: int, cols: int) -> None:
         stored = quantize_fn()
         del weight  # the operation's input is the packed state
         if library == "qpeft":
-            run = lambda: dequantize(stored, dtype=torch.bfloat16, use_bnb=False)  # noqa: E731
+            run = lambda: dequantize(stored, dtype=torch.bfloat16)  # noqa: E731
         else:
             run = lambda: bnbf.dequantize_4bit(*stored)  # noqa: E731
     time.sleep(0.2)  # let freed temporaries of the set-up go back to the OS
@@ -135,7 +135,7 @@ def main() -> None:
             args.repeat,
             device,
         )
-        ours_d, _ = timed(lambda q=qt: dequantize(q, dtype=torch.bfloat16, use_bnb=False), args.repeat, device)
+        ours_d, _ = timed(lambda q=qt: dequantize(q, dtype=torch.bfloat16), args.repeat, device)
         bnb_d, _ = timed(lambda p=packed, s=state: bnbf.dequantize_4bit(p, s), args.repeat, device)
         numel = weight.numel() / 1e6
         for op, ours, theirs in (("quantize", ours_q, bnb_q), ("dequantize", ours_d, bnb_d)):

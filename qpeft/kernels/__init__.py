@@ -16,6 +16,9 @@ from collections.abc import Callable
 
 import torch
 
+from qpeft.quant.blockwise import QuantizedTensor
+from qpeft.quant.blockwise import dequantize as torch_dequantize
+
 DEQUANT_ENV = "QPEFT_DEQUANT"
 CHOICES = ("auto", "torch", "triton")
 
@@ -43,3 +46,17 @@ def fused_dequant_matmul(device: torch.device) -> Callable | None:
     Triton kernel for tensors on `device`, or None where it does not run (no Triton, not
     CUDA, or not asked for with QPEFT_DEQUANT=triton)."""
     return _fused_for(device.type, dequant_choice())
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """deq(Q) in `dtype` for the frozen base: bitsandbytes' compiled kernels for a
+    matrix in its own NF4 format where they run and give qpeft's bits (checked once per
+    device, `qpeft.kernels.bnb`) unless QPEFT_DEQUANT=torch; qpeft's torch ops for
+    everything else. The same values either way."""
+    if dequant_choice() != "torch":
+        from qpeft.kernels.bnb import bnb_dequantize
+
+        fast = bnb_dequantize(qt, dtype)
+        if fast is not None:
+            return fast
+    return torch_dequantize(qt, dtype)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qpeft.kernels import fused_dequant_matmul
-from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize
+from qpeft.kernels import dequantize, fused_dequant_matmul
+from qpeft.quant import QuantConfig, QuantizedTensor, quantize
 from qpeft.quant.blockwise import PART_NAMES, part_specs
 
 

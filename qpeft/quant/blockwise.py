@@ -316,19 +316,10 @@ def scaled_levels(levels: torch.Tensor, absmax: torch.Tensor, config: QuantConfi
     return values[: shape.numel()].view(shape)
 
 
-def dequantize(
-    qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK, use_bnb: bool = True
-) -> torch.Tensor:
-    """Dequantize to a tensor of `qt.shape` in `dtype` (computed in fp32, then cast).
-    A matrix in bitsandbytes' own NF4 format goes to its compiled kernels when they
-    are installed (`bnb_format.bnb_dequantize`: the same bits, faster) unless
-    `use_bnb` is False."""
-    if use_bnb:
-        from qpeft.quant.bnb_format import bnb_dequantize  # it imports this module
-
-        fast = bnb_dequantize(qt, dtype)
-        if fast is not None:
-            return fast
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Dequantize to a tensor of `qt.shape` in `dtype` (computed in fp32, then cast),
+    in torch ops. (`qpeft.kernels.dequantize` sends matrices in bitsandbytes' own NF4
+    format to its compiled kernels: the same bits, faster.)"""
     config = qt.config
     layout = storage_layout(config, qt.numel)
     device = qt.codes.device

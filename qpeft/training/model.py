@@ -19,20 +19,29 @@ from qpeft.errors import QpeftError
 from qpeft.io.checkpoint import is_checkpoint
 from qpeft.modules import quantized_layers
 from qpeft.modules.adapters import LowRankAdapter
+from qpeft.pipeline.stages import DecomposeRequest, QuantizeRequest, run_decompose, run_quantize
 from qpeft.training.recipe import MethodSection, Recipe
 
 BASE_DIR = "base"
 
 
-def base_command(recipe: Recipe, out: Path) -> list[str]:
-    """The `qpeft` command line that makes the recipe's base checkpoint at `out`."""
+def base_request(recipe: Recipe, out: Path, resume: bool = False) -> QuantizeRequest | DecomposeRequest:
+    """The request of the stage that makes the recipe's base checkpoint at `out`
+    (`resume`: continue an interrupted cost table)."""
     m = recipe.method
-    targets = ["--targets", m.targets] if m.targets else []
     if m.name == "qlora":
-        return ["quantize", recipe.model, "--config", m.config or "nf4", "--out", str(out), *targets]
-    how = ["--budget", str(m.budget)] if m.budget is not None else ["--config", str(m.config)]
-    extra = ["--method", "qwha"] if m.name == "qwha" else ([] if m.fisher else ["--no-fisher"])
-    return ["decompose", recipe.model, *how, "--rank", str(m.rank), "--out", str(out), *extra, *targets]
+        return QuantizeRequest(recipe.model, out, m.config or "nf4", m.targets)
+    return DecomposeRequest(
+        recipe.model,
+        out,
+        method="qwha" if m.name == "qwha" else "lqlora",
+        budget=m.budget,
+        config=m.config,
+        rank=m.rank,
+        no_fisher=m.name == "lqlora" and not m.fisher,
+        targets=m.targets,
+        resume=resume,
+    )
 
 
 def base_dir(recipe: Recipe) -> Path:
@@ -74,29 +83,28 @@ def check_base_matches(recipe: Recipe, previous: Path) -> None:
     if not previous.is_file():
         raise QpeftError(f"{base} was not made by a qpeft training run (no {previous}): choose another output_dir")
     body = json.loads(previous.read_text())
-    earlier = Recipe(model=body["model"], method=MethodSection(**body["method"]))
-    if base_command(earlier, base) != base_command(recipe, base):
+    earlier = base_request(Recipe(model=body["model"], method=MethodSection(**body["method"])), base).command()
+    if earlier != base_request(recipe, base).command():
         raise QpeftError(
-            f"{base} was made by another recipe (qpeft {' '.join(base_command(earlier, base))}; see {previous}): "
+            f"{base} was made by another recipe (qpeft {' '.join(earlier)}; see {previous}): "
             "choose another output_dir, or remove it"
         )
 
 
 def build_base(recipe: Recipe, resume: bool = False) -> None:
-    """Make the base checkpoint with `qpeft quantize` / `qpeft decompose` (their errors
-    reach the caller as they are). Under torch.distributed every process of a
-    decomposition calls this (the cost table is split across them and rank 0 writes);
-    a quantization runs on one process. `resume`: continue a decomposition's
+    """Make the base checkpoint with the quantize / decompose stage (their errors reach
+    the caller as they are). Under torch.distributed every process of a decomposition
+    calls this (the cost table is split across them and rank 0 writes); a
+    quantization runs on one process. `resume`: continue a decomposition's
     interrupted cost table."""
-    from qpeft.cli import COMMANDS, build_parser
     from qpeft.pipeline.decompose import work_dir_for
 
     base = base_dir(recipe)
-    argv = base_command(recipe, base)
-    if resume and argv[0] == "decompose" and work_dir_for(base).is_dir():
-        argv.append("--resume")
-    args = build_parser().parse_args(argv)
-    COMMANDS[args.command](args)
+    request = base_request(recipe, base, resume and work_dir_for(base).is_dir())
+    if isinstance(request, QuantizeRequest):
+        run_quantize(request)
+    else:
+        run_decompose(request)
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> None:
