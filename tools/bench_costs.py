@@ -32,6 +32,7 @@ import argparse
 import time
 
 import torch
+from measure import sync
 
 from qpeft.allocation.costs import matrix_costs
 from qpeft.allocation.grid import parse_grid
@@ -47,11 +48,6 @@ MODELS = {
         ("down", (576, 1536), 30),
     ],
 }
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 ACCURACY_MATRICES = [

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_quant import timed
+from measure import timed
 
 from qpeft import kernels
 from qpeft.quant import PRESETS, dequantize, nf_codebook, quantize
@@ -26,9 +26,7 @@ from qpeft.quant.packing import _byte_lut_cpu, decode_lut
 
 
 def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):  # warm-up
-        fn()
-    return timed(fn, repeats, torch.device("cpu"))[0] * 1e3
+    return timed(fn, repeats, warmup=3)[0] * 1e3
 
 
 def main() -> None:

@@ -12,26 +12,15 @@ not timed), and prints rows/s of both and their ratio.
 from __future__ import annotations
 
 import argparse
-import time
+from statistics import fmean
 
 import torch
+from measure import timed
 
 from qpeft.transforms.hadamard import WalshHadamard
 
 WIDTHS = [576, 1536, 4096, 8192, 11008, 14336, 28672]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def timed(fn, x: torch.Tensor, device: str, repeats: int) -> float:
-    fn(x)  # warm-up (kernel selection, caches)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn(x)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
@@ -50,8 +39,8 @@ def main() -> None:
         transform = WalshHadamard(width)
         dense = transform.matrix(torch.float32).to(args.device, dtype).T.contiguous()
         x = torch.randn(args.rows, width, device=args.device, dtype=dtype)
-        fast_s = timed(transform.forward, x, args.device, args.repeats)
-        dense_s = timed(lambda rows, dense=dense: rows @ dense, x, args.device, args.repeats)
+        fast_s = timed(lambda t=transform, x=x: t.forward(x), args.repeats, args.device, warmup=1, statistic=fmean)[0]
+        dense_s = timed(lambda dense=dense, x=x: x @ dense, args.repeats, args.device, warmup=1, statistic=fmean)[0]
         factors = "x".join(map(str, transform.factors))
         print(
             f"{width:>6} {factors:<16} {args.rows / fast_s:>12.0f} {args.rows / dense_s:>13.0f} "

@@ -8,19 +8,12 @@ are checked equal before timing.
 from __future__ import annotations
 
 import argparse
-import time
+from statistics import fmean
 
 import torch
+from measure import timed
 
 from qpeft.quant.codebooks import dynamic_codebook, nearest_level, nf_codebook, uniform_codebook
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
@@ -37,8 +30,9 @@ def main() -> None:
         midpoints = (codebook[:-1] + codebook[1:]) / 2
         if not torch.equal(nearest_level(x, codebook), torch.bucketize(x, midpoints, out_int32=True)):
             raise SystemExit(f"{name}: codes differ from bucketize")
-        search = timed(lambda m=midpoints: torch.bucketize(x, m, out_int32=True), args.repeats)
-        table = timed(lambda c=codebook: nearest_level(x, c), args.repeats)
+        bucketize = lambda m=midpoints: torch.bucketize(x, m, out_int32=True)  # noqa: E731
+        search = timed(bucketize, args.repeats, warmup=1, statistic=fmean)[0]
+        table = timed(lambda c=codebook: nearest_level(x, c), args.repeats, warmup=1, statistic=fmean)[0]
         print(f"{name:<10} {search * 1e3:>13.2f} {table * 1e3:>9.2f} {search / table:>8.1f}x")
 
 

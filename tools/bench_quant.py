@@ -18,54 +18,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
-import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import torch
+from measure import peak_rss_during, rss_bytes, timed
 
 from qpeft.quant import PRESETS, dequantize, quantize
-
-
-def timed(fn, repeat: int, device: torch.device) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_during(fn) -> tuple[int, object]:
-    """Run fn while a thread samples the resident set size every 0.2 ms (torch ops
-    release the GIL); return the highest sample and fn's result."""
-    peak, done = [_rss_bytes()], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.0002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        result = fn()
-    finally:
-        done.set()
-        sampler.join()
-    return max(peak[0], _rss_bytes()), result
 
 
 def memory_child(library: str, op: str, rows: int, cols: int) -> None:
@@ -88,7 +48,7 @@ def memory_child(library: str, op: str, rows: int, cols: int) -> None:
         else:
             run = lambda: bnbf.dequantize_4bit(*stored)  # noqa: E731
     time.sleep(0.2)  # let freed temporaries of the set-up go back to the OS
-    base = _rss_bytes()
+    base = rss_bytes()
     peak, result = peak_rss_during(run)
     output = rows * cols * 2 if op == "dequantize" else int(rows * cols * 4.127 / 8)
     print(peak - base - output)

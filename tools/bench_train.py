@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_quant import _rss_bytes, peak_rss_during
+from measure import peak_rss_during, rss_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # run name -> QPEFT_DEQUANT for its process
@@ -61,7 +61,7 @@ def build_peft(model_dir: Path, base: Path, rank: int, alpha: float, dtype: torc
 
 def worker(args: argparse.Namespace) -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    start_rss = _rss_bytes()
+    start_rss = rss_bytes()
     if args.worker.startswith("qpeft"):
         model, params = build_qpeft(args.model_dir, args.base, args.rank, 2.0 * args.rank)
     else:
@@ -81,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
         return time.perf_counter() - begin
 
     step(batches[0])  # warm-up
-    built_rss = _rss_bytes()
+    built_rss = rss_bytes()
     peak, times = peak_rss_during(lambda: [step(ids) for ids in batches[1:]])
     print(
         json.dumps(

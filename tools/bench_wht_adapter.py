@@ -17,23 +17,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import torch
 import torch.nn.functional as F
+from measure import timed
 
 from qpeft.decompose.qwha import parameter_count
 from qpeft.modules.adapters import WHTAdapter
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def wht_adapter(d_in: int, d_out: int, rank: int) -> WHTAdapter:
@@ -46,13 +36,13 @@ def wht_adapter(d_in: int, d_out: int, rank: int) -> WHTAdapter:
 
 def extra_times(weight: torch.Tensor, adapter: WHTAdapter, lora, x: torch.Tensor, repeats: int) -> list[float]:
     """Seconds of the bare matmul, then each path's extra over it: act, merged, peft."""
-    base = best_time(lambda: F.linear(x, weight), repeats)
+    base = timed(lambda: F.linear(x, weight), repeats, warmup=1, statistic=min)[0]
     paths = [
         lambda: F.linear(x, weight) + adapter(x),
         lambda: F.linear(x, weight + adapter.delta_weight()),
         lambda: lora(x),
     ]
-    return [base, *(best_time(path, repeats) - base for path in paths)]
+    return [base, *(timed(path, repeats, warmup=1, statistic=min)[0] - base for path in paths)]
 
 
 def main() -> None:

@@ -1,0 +1,71 @@
+"""The timing and memory helpers every benchmark in tools/ uses.
+
+    from measure import peak_rss_during, rss_bytes, timed
+
+(`python tools/X.py` puts tools/ first on sys.path, from any working directory.)
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for queued CUDA work, so that a clock read after it counts it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(
+    fn: Callable[[], Any],
+    repeats: int,
+    device: str | torch.device = "cpu",
+    warmup: int = 0,
+    statistic: Callable[[list[float]], float] = statistics.median,
+) -> tuple[float, Any]:
+    """(statistic of `repeats` timed calls in seconds, the last call's result), after
+    `warmup` untimed calls (kernel selection, caches); each call is bracketed by a
+    CUDA sync on a CUDA device."""
+    for _ in range(warmup):
+        fn()
+    times, result = [], None
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistic(times), result
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_during(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Run fn while a thread samples the resident set size every 0.2 ms (torch ops
+    release the GIL); return the highest sample and fn's result."""
+    peak, done = [rss_bytes()], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], rss_bytes()), result
