@@ -1,13 +1,54 @@
-"""Shared fixtures: a tiny random LLaMA saved as a transformers directory."""
+"""Shared fixtures and helpers: a tiny random LLaMA saved as a transformers
+directory, the in-process CLI runner and its one-line-error check, and what the
+subprocess tests (marked `subprocess`) share."""
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from calib import dataset_path
+
+REPO = Path(__file__).resolve().parents[1]
+# one thread: subprocess runs then compute bit-identical cost tables and training steps
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+SMALL_GRID = "nf2-b64-s8x256-fp16,nf3-b64-s8x256-fp16,nf3-b32-s4x64-fp16,nf4-b64-s8x256-fp16,nf8-b64-s8x256-fp32"
+
+
+def run(capsys, *argv):
+    """`qpeft ARGV` in this process: (exit code, stdout, stderr)."""
+    from qpeft.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, text):
+    """Exit 2, no traceback, and the message alone on the last line (a progress bar,
+    closed cleanly, may stand before it)."""
+    assert code == 2
+    assert "Traceback" not in err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("qpeft ") and ": error: " in last and text in last, err
+    assert err.count(": error: ") == 1
+
+
+def cli_command(*argv: object) -> list[str]:
+    """The command line of `qpeft ARGV` in a fresh Python process."""
+    return [sys.executable, "-m", "qpeft.cli", *map(str, argv)]
+
+
+def free_port() -> int:
+    """A free local TCP port (a torch.distributed rendezvous)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def make_tokenizer(vocab_size: int = 384):
@@ -60,3 +101,18 @@ def tiny_text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "eval.txt"
     path.write_text(dataset_path("wikitext2", "test").read_text(encoding="utf-8")[:20_000], encoding="utf-8")
     return path
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test draws the same random inputs on every run: torch, numpy and random
+    seeded from the test's own name, so that a failure reproduces."""
+    import random
+    import zlib
+
+    import numpy as np
+
+    seed = zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0].encode())
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)

@@ -13,7 +13,7 @@ from qpeft.io.checkpoint import MANIFEST_NAME, file_sha256, read_manifest, tenso
 from qpeft.models.loading import load_checkpoint
 from qpeft.pipeline.quantize import quantize_model
 from qpeft.quant import PRESETS
-from tests.test_cli import assert_one_line_error, run
+from tests.conftest import assert_one_line_error, run
 
 
 @pytest.fixture

@@ -9,23 +9,7 @@ import pytest
 import torch
 
 from qpeft.cli import main
-from tests.conftest import make_tiny_llama
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, text):
-    """Exit 2, no traceback, and the message alone on the last line (a progress bar,
-    closed cleanly, may stand before it)."""
-    assert code == 2
-    assert "Traceback" not in err
-    last = err.rstrip("\n").split("\n")[-1]
-    assert last.startswith("qpeft ") and ": error: " in last and text in last, err
-    assert err.count(": error: ") == 1
+from tests.conftest import assert_one_line_error, make_tiny_llama, run
 
 
 def test_quantize_then_eval(tiny_model_dir, tiny_text_file, tmp_path, capsys):
@@ -135,6 +119,7 @@ def test_unquantized_dtype_and_inspect(tiny_model_dir, tmp_path, capsys):
     assert "model.layers.1.mlp.down_proj" in stdout and "64×128" in stdout and "nf4-b64-s8x256-fp32" in stdout
 
 
+@pytest.mark.subprocess
 def test_importing_bitsandbytes_after_qpeft_prints_no_hub_kernel_warning():
     """bitsandbytes warns at import, on CPUs with AVX512-BF16, that it cannot fetch a hub
     kernel qpeft never uses; qpeft silences that one logger."""

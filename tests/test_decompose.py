@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,10 +21,7 @@ from qpeft.models.selection import DEFAULT_TARGETS
 from qpeft.pipeline.calibrate import calibrate, calibrate_activations
 from qpeft.quant import dequantize, parse_config
 from qpeft.quant.blockwise import simulate
-from tests.test_cli import assert_one_line_error, run
-
-SMALL_GRID = "nf2-b64-s8x256-fp16,nf3-b64-s8x256-fp16,nf3-b32-s4x64-fp16,nf4-b64-s8x256-fp16,nf8-b64-s8x256-fp32"
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import SMALL_GRID, SUBPROCESS_ENV, assert_one_line_error, cli_command, free_port, run
 
 
 def decompose(capsys, model, out, *extra):
@@ -199,20 +194,13 @@ def test_decompose_errors(tiny_model_dir, tmp_path, capsys):
     assert_one_line_error(code, err, "holds an interrupted run (1 matrices costed): pass --resume to continue it")
 
 
-def _cli(*argv: object) -> list[str]:
-    return [sys.executable, "-m", "qpeft.cli", *map(str, argv)]
-
-
-# one thread: the subprocess runs below then compute bit-identical cost tables
-SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
+@pytest.mark.subprocess
 def test_resume_after_a_kill_recomputes_nothing_finished(tiny_model_dir, tmp_path, capsys):
     args = ["--budget", "3", "--rank", 4, "--no-fisher", "--rounding", "nearest", "--configs", "lqlora"]
     out = tmp_path / "killed"
     shard = Path(f"{out}.work") / "costs-0.jsonl"
     proc = subprocess.Popen(
-        _cli("decompose", tiny_model_dir, "--out", out, *args),
+        cli_command("decompose", tiny_model_dir, "--out", out, *args),
         env=SUBPROCESS_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -233,7 +221,7 @@ def test_resume_after_a_kill_recomputes_nothing_finished(tiny_model_dir, tmp_pat
     assert_one_line_error(code, err, "cannot resume from")
     for target, extra in [(out, ["--resume"]), (tmp_path / "whole", [])]:
         result = subprocess.run(
-            _cli("decompose", tiny_model_dir, "--out", target, *args, *extra),
+            cli_command("decompose", tiny_model_dir, "--out", target, *args, *extra),
             env=SUBPROCESS_ENV,
             capture_output=True,
             text=True,
@@ -251,15 +239,13 @@ def test_resume_after_a_kill_recomputes_nothing_finished(tiny_model_dir, tmp_pat
 
 def _torchrun(*argv, env=SUBPROCESS_ENV) -> subprocess.CompletedProcess:
     """`qpeft ARGV` in 2 CPU processes under torchrun."""
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     return subprocess.run(
         [*launch, "-m", "qpeft.cli", *map(str, argv)], env=env, capture_output=True, text=True, timeout=300
     )
 
 
+@pytest.mark.subprocess
 def test_two_processes_split_the_cost_table_and_the_split(tiny_model_dir, tmp_path):
     args = ["--budget", "3", "--rank", 4, "--no-fisher", "--rounding", "nearest", "--configs", SMALL_GRID]
     out = tmp_path / "two"
@@ -268,7 +254,7 @@ def test_two_processes_split_the_cost_table_and_the_split(tiny_model_dir, tmp_pa
     manifest = read_manifest(out)
     assert manifest["provenance"]["processes"] == 2
     result = subprocess.run(
-        _cli("decompose", tiny_model_dir, "--out", tmp_path / "one", *args),
+        cli_command("decompose", tiny_model_dir, "--out", tmp_path / "one", *args),
         env=SUBPROCESS_ENV,
         capture_output=True,
         text=True,
@@ -283,6 +269,7 @@ def test_two_processes_split_the_cost_table_and_the_split(tiny_model_dir, tmp_pa
     assert manifest["checksums"]["tensors"] == single["checksums"]["tensors"]
 
 
+@pytest.mark.subprocess
 def test_two_processes_share_the_calibration(tiny_model_dir, tmp_path, monkeypatch):
     """Each process calibrates half of the sequences; the combined Fisher and XᵀX equal
     one process's up to the order of the sums."""

@@ -17,8 +17,7 @@ from qpeft.pipeline.quantize import quantize_model
 from qpeft.quant import PRESETS
 from qpeft.training.export import save_trained
 from qpeft.training.model import add_lora
-from tests.test_cli import assert_one_line_error, run
-from tests.test_decompose import SMALL_GRID
+from tests.conftest import SMALL_GRID, assert_one_line_error, run
 
 IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
 

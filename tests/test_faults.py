@@ -27,9 +27,9 @@ from safetensors.torch import load_file
 from calib import dataset_path
 from qpeft.cli import main
 from qpeft.io.checkpoint import iter_shards, read_manifest
+from tests.conftest import REPO
 from tests.fault_table import ROWS, expand, last_line, make_world, matches, snapshot
 
-REPO = Path(__file__).resolve().parents[1]
 RUNNER = str(REPO / "tests" / "fault_runner.py")
 GRID = "nf2-b64-s8x256-fp16,nf3-b64-s8x256-fp16,nf4-b64-s8x256-fp16"
 
@@ -120,6 +120,7 @@ INTERRUPTED = "qpeft {cmd}: interrupted: run the same command with --resume to c
 INTERRUPTED_NOTHING = "qpeft {cmd}: interrupted: nothing was written"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("signal_name", ["KILL", "INT"])
 def test_signal_during_calibration(decompose_world, tmp_path, signal_name, record_property):
     out = tmp_path / "o"
@@ -145,6 +146,7 @@ def test_signal_during_calibration(decompose_world, tmp_path, signal_name, recor
         assert_same_tensors(out, decompose_world["whole"])
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("signal_name", ["KILL", "INT"])
 def test_signal_during_the_cost_table(decompose_world, tmp_path, signal_name, record_property):
     out = tmp_path / "o"
@@ -169,6 +171,7 @@ def test_signal_during_the_cost_table(decompose_world, tmp_path, signal_name, re
     assert_same_tensors(out, decompose_world["whole"])
 
 
+@pytest.mark.subprocess
 def test_a_torn_cost_table_line_resumes(decompose_world, tmp_path, record_property):
     """Issue 17, defect 4: the next row must not be appended onto the torn fragment."""
     out = tmp_path / "o"
@@ -189,6 +192,7 @@ def test_a_torn_cost_table_line_resumes(decompose_world, tmp_path, record_proper
     assert_same_tensors(out, decompose_world["whole"])
 
 
+@pytest.mark.subprocess
 def test_kill_during_the_write_resumes_and_cleans(decompose_world, tmp_path, record_property):
     out = tmp_path / "o"
     args = decompose_world["args"]
@@ -233,6 +237,7 @@ def trained(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("signal_name", ["KILL", "INT"])
 def test_signal_during_training_resumes_exactly(trained, tiny_model_dir, tmp_path, signal_name, record_property):
     out = tmp_path / "run"
@@ -261,6 +266,7 @@ def test_signal_during_training_resumes_exactly(trained, tiny_model_dir, tmp_pat
     assert_same_tensors(out / "model", trained / "model")
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("signal_name", ["KILL", "INT"])
 def test_signal_during_export(nf4_ckpt, tmp_path, signal_name, record_property):
     out = tmp_path / "merged"
@@ -314,6 +320,7 @@ def test_full_disk(tiny_model_dir, tmp_path, capsys, record_property):
     assert left == []
 
 
+@pytest.mark.subprocess
 def test_enospc_while_saving_training_state(tiny_model_dir, tmp_path, record_property):
     out = tmp_path / "run"
     recipe = _recipe(tmp_path, tiny_model_dir, out)

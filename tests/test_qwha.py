@@ -195,7 +195,7 @@ def test_qwha_decompose_cli_writes_a_checkpoint_that_cancels_output_error(
     from qpeft.models.resolve import cache_dir
     from qpeft.models.weights import SafetensorsWeights
     from qpeft.quant import dequantize
-    from tests.test_cli import assert_one_line_error, run
+    from tests.conftest import assert_one_line_error, run
 
     monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
     calib = ["--calib-sequences", 4, "--calib-seqlen", 32]

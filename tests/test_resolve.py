@@ -38,6 +38,7 @@ def test_conversion_on_a_nonzero_rank_writes_the_weights(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_concurrent_conversions_share_one_result(tmp_path):
     """Two processes converting at once (torchrun ranks on a fresh cache) both get the
     complete directory: one converts while the other waits on the lock."""

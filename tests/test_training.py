@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +18,7 @@ from qpeft.io.checkpoint import read_manifest
 from qpeft.training import trainer
 from qpeft.training.data import IGNORE, alpaca_examples, alpaca_prompt, collate
 from qpeft.training.recipe import load_recipe
-from tests.conftest import make_tokenizer
-from tests.test_cli import assert_one_line_error, run
+from tests.conftest import SUBPROCESS_ENV, assert_one_line_error, free_port, make_tokenizer, run
 
 
 @pytest.fixture(scope="module")
@@ -182,21 +179,16 @@ def test_shipped_recipes_are_valid():
         load_recipe(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _accelerate_train(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
     # accelerate's --cpu launches one process whatever --num_processes says; --multi_gpu on a
     # machine without GPUs starts 2 processes over gloo (accelerate's MULTI_CPU)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--main_process_port", str(_free_port()), "-m", "qpeft.cli", "train", str(recipe), *extra]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    launch += ["--main_process_port", str(free_port()), "-m", "qpeft.cli", "train", str(recipe), *extra]
+    env = SUBPROCESS_ENV
     return subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.subprocess
 def test_two_cpu_processes_train_and_resume(tiny_model_dir, train_text, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPUs: each process takes its own share of
     every step's batch; 2 steps, then --resume to 4, equal 4 steps straight (DDP's
@@ -219,6 +211,7 @@ def test_two_cpu_processes_train_and_resume(tiny_model_dir, train_text, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_fsdp_config_on_cpus_trains_as_ddp_and_says_so(tiny_model_dir, train_text, tmp_path):
     """recipes/accelerate/fsdp.yaml on a machine without GPUs: accelerate runs its processes as
     DDP over gloo (FSDP is GPU-only there); they train together, and qpeft says so."""
@@ -227,8 +220,8 @@ def test_the_fsdp_config_on_cpus_trains_as_ddp_and_says_so(tiny_model_dir, train
     (tmp_path / "fsdp.yaml").write_text(text)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_text, tmp_path / "o", train={"steps": 2})
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml")]
-    launch += ["--main_process_port", str(_free_port()), "-m", "qpeft.cli", "train", str(recipe)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    launch += ["--main_process_port", str(free_port()), "-m", "qpeft.cli", "train", str(recipe)]
+    env = SUBPROCESS_ENV
     result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "note: FSDP needs GPUs; these 2 CPU processes train as DDP" in result.stderr
