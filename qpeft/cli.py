@@ -250,10 +250,17 @@ def _calibration(args: argparse.Namespace, source: str = "wikitext2"):
     )
 
 
+def _request(kind: type, args: argparse.Namespace, **given):
+    """A stage's request from the parsed flags: each field from the flag of its name."""
+    from dataclasses import fields
+
+    return kind(**{f.name: getattr(args, f.name) for f in fields(kind) if f.name not in given}, **given)
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from qpeft.pipeline.stages import QuantizeRequest, run_quantize
 
-    request = QuantizeRequest(args.model, args.out, args.config, args.targets, args.device, args.unquantized_dtype)
+    request = _request(QuantizeRequest, args)
     manifest = run_quantize(request)
     summary, config = manifest["summary"], next(iter(manifest["quantized"].values()))["config"]
     print(
@@ -290,28 +297,7 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     from qpeft.pipeline.decompose import format_type_table
     from qpeft.pipeline.stages import DecomposeRequest, run_decompose
 
-    request = DecomposeRequest(
-        args.model,
-        args.out,
-        method=args.method,
-        budget=args.budget,
-        config=args.config,
-        rank=args.rank,
-        alpha=args.alpha,
-        fisher=args.fisher,
-        no_fisher=args.no_fisher,
-        calib=_calibration(args),
-        configs=args.configs,
-        targets=args.targets,
-        device=args.device,
-        seed=args.seed,
-        refine_iters=args.refine_iters,
-        refine=args.refine,
-        rounding=args.rounding,
-        resume=args.resume,
-        costs=args.costs,
-        unquantized_dtype=args.unquantized_dtype,
-    )
+    request = _request(DecomposeRequest, args, calib=_calibration(args))
     manifest = run_decompose(request)
     if manifest is None:  # a non-zero rank of a distributed run
         return
