@@ -11,8 +11,7 @@ from pathlib import Path
 from qpeft import __version__
 from qpeft.errors import QpeftError
 
-# OSErrors of the machine, not of qpeft: one line, like a user error
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+# OSErrors of the machine, not of qpeft, beside a full or read-only disk (io.atomic.disk_error): one line
 NO_PERMISSION = {errno.EACCES, errno.EPERM}
 
 
@@ -92,14 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_parser = sub.add_parser
 
-    def sub_add_parser(name: str, **kwargs):
-        return add_parser(name, parents=[common], **kwargs)
-
-    sub.add_parser = sub_add_parser  # every command takes --debug
-
-    quant = sub.add_parser("quantize", help="uniformly quantize the selected linear layers (QLoRA base)")
+    quant = sub.add_parser(
+        "quantize", parents=[common], help="uniformly quantize the selected linear layers (QLoRA base)"
+    )
     _add_model_arg(quant)
     quant.add_argument("--config", default="nf4", help="preset (nf4, nf3, nf2, nf8) or e.g. nf4-b64-s8x256-fp32")
     quant.add_argument("--out", required=True, type=Path, help="output checkpoint directory (must not exist)")
@@ -107,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_unquantized_arg(quant)
     quant.add_argument("--device", default="cpu", help="device for the quantization work (cpu, cuda)")
 
-    cal = sub.add_parser("calibrate", help="Fisher row/column statistics of the selected layers")
+    cal = sub.add_parser("calibrate", parents=[common], help="Fisher row/column statistics of the selected layers")
     _add_model_arg(cal)
     cal.add_argument("--out", required=True, type=Path, help="output .safetensors file")
     _add_targets_arg(cal)
@@ -116,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dec = sub.add_parser(
         "decompose",
+        parents=[common],
         help="W = Q + ΔW per matrix (LQ-LoRA or QWHA), configs chosen by an ILP to meet a bit budget",
         description="Split every selected matrix as W ≈ Q + ΔW, with ΔW = L1·L2 (LQ-LoRA, the default) or a "
         "sparse Walsh-Hadamard-domain adapter initialised from calibration activations (QWHA), and pick "
@@ -183,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.work")
     dec.add_argument("--costs", type=Path, default=None, help="reuse the cost table of an earlier checkpoint")
 
-    ev = sub.add_parser("eval", help="perplexity (GPTQ protocol: non-overlapping windows)")
+    ev = sub.add_parser("eval", parents=[common], help="perplexity (GPTQ protocol: non-overlapping windows)")
     _add_model_arg(ev, checkpoint=True)
     source = ev.add_mutually_exclusive_group()
     source.add_argument("--data", default="wikitext2", help="built-in test text (default: wikitext2)")
@@ -196,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser(
         "export",
+        parents=[common],
         help="write a checkpoint for transformers + bitsandbytes + peft (hf-bnb), merged, or as a peft adapter",
     )
     exp.add_argument("checkpoint", type=Path, help="a qpeft checkpoint directory")
@@ -207,13 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     ins = sub.add_parser(
-        "inspect", help="a qpeft checkpoint's manifest as a table, after checking every file and tensor's sha256"
+        "inspect",
+        parents=[common],
+        help="a qpeft checkpoint's manifest as a table, after checking every file and tensor's sha256",
     )
     ins.add_argument("checkpoint", type=Path, help="a qpeft checkpoint directory")
     ins.add_argument("--matrices", action="store_true", help="also list every matrix: shape, config, bits, adapter")
 
     tr = sub.add_parser(
         "train",
+        parents=[common],
         help="fine-tune the adapters of a low-bit model (QLoRA, LQ-LoRA, QWHA) from a recipe",
         description="Train the high-precision part over the frozen packed base as a recipe says (see recipes/). "
         "Runs as one process, or under `accelerate launch` on several GPUs or CPU processes.",
@@ -236,11 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _calibration(args: argparse.Namespace, source: str = "wikitext2"):
+def _calibration(args: argparse.Namespace):
     from qpeft.pipeline.stages import CalibrationOptions
 
     return CalibrationOptions(
-        getattr(args, "calib", None) or source,
+        args.calib,
         args.calib_sequences,
         args.calib_seqlen,
         args.calib_seed,
@@ -487,11 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: interrupted: {then}", file=sys.stderr)
         return 130
     except OSError as exc:
-        if args.debug or exc.errno not in DISK_FULL | NO_PERMISSION:
+        from qpeft.io.atomic import disk_error
+
+        full = disk_error(exc)
+        if args.debug or not (full or exc.errno in NO_PERMISSION):
             return _internal_error(name, args, exc)
         where = f" {exc.filename}" if exc.filename else ""
-        what = "cannot write" if exc.errno in DISK_FULL else "cannot open"
-        print(f"{name}: error: {what}{where}: {exc.strerror}", file=sys.stderr)
+        print(f"{name}: error: {'cannot write' if full else 'cannot open'}{where}: {exc.strerror}", file=sys.stderr)
         return 2
     except Exception as exc:
         return _internal_error(name, args, exc)

@@ -63,14 +63,12 @@ def disk_error(exc: BaseException) -> str | None:
     return os.strerror(code) if code in _DISK_ERRNOS else None
 
 
-def remove_partials(target: Path) -> list[Path]:
+def remove_partials(target: Path) -> None:
     """Remove the `NAME.partial-*` directories a killed write of `target` left (call it
     only where no other process is writing `target`: on --resume)."""
     target = Path(target)
-    left = sorted(target.parent.glob(f"{target.name}.partial-*")) if target.parent.is_dir() else []
-    for path in left:
+    for path in target.parent.glob(f"{target.name}.partial-*"):
         shutil.rmtree(path, ignore_errors=True)
-    return left
 
 
 @contextlib.contextmanager
