@@ -322,7 +322,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from qpeft.eval.perplexity import count_windows, load_eval_text, perplexity, tokenize
     from qpeft.models.loading import load_model, locate
     from qpeft.pipeline.stages import check_device, positive
-    from qpeft.quant.blockwise import TORCH_DTYPES
+    from qpeft.quant.config import TORCH_DTYPES
 
     positive("--seqlen", args.seqlen)
     if args.seqlen < 2:

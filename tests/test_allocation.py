@@ -6,13 +6,14 @@ import re
 import numpy as np
 import pytest
 
-from qpeft.allocation import ilp_allocate, lqlora_grid, parse_budget
+from qpeft.allocation import ilp_allocate, parse_budget
 from qpeft.allocation.ilp import hull_configs, pareto_configs
 from qpeft.errors import QpeftError
+from qpeft.quant import parse_grid
 
 
 def test_grid_is_the_papers():
-    grid = lqlora_grid()
+    grid = parse_grid("lqlora")
     assert len(grid) == 432 == len({c.name for c in grid})
     bits = sorted(c.bits_per_param for c in grid)
     assert round(bits[0], 3) == 2.032 and round(bits[-1], 3) == 8.625

@@ -18,11 +18,11 @@ from qpeft.kernels.bnb import bnb_dequantize  # noqa: E402
 from qpeft.quant import (  # noqa: E402
     PRESETS,
     dequantize,
-    dequantize_scales,
     dynamic_codebook,
     quantize,
 )
 from qpeft.quant.bnb_format import from_bnb  # noqa: E402
+from qpeft.quant.formats.normalfloat import dequantize_scales  # noqa: E402
 
 
 def _bnb(weight):
@@ -34,17 +34,17 @@ def _check_parity(weight):
     packed, state, bnb_deq = _bnb(weight)
     qt = quantize(weight, PRESETS["nf4"])
     # 1. NF4 codes: byte for byte
-    assert torch.equal(qt.codes[: packed.numel()], packed.reshape(-1))
+    assert torch.equal(qt.parts["codes"][: packed.numel()], packed.reshape(-1))
     # 2. qpeft's dequantizer on bitsandbytes' state: bit for bit
     assert torch.equal(dequantize(from_bnb(packed, state), dtype=weight.dtype), bnb_deq)
     # 3. the same storage: as many scale codes, second-level scales, and code bytes
-    assert qt.scales.numel() == state.absmax.numel()
-    assert qt.scale_scales.numel() == state.state2.absmax.numel()
-    assert qt.codes.numel() == -(-weight.numel() // 64) * 32
+    assert qt.parts["scales"].numel() == state.absmax.numel()
+    assert qt.parts["scale_scales"].numel() == state.state2.absmax.numel()
+    assert qt.parts["codes"].numel() == -(-weight.numel() // 64) * 32
     # the scale offset and second-level absmax are the same numbers
-    assert torch.equal(qt.scale_offset, state.offset.reshape(1))
+    assert torch.equal(qt.parts["scale_offset"], state.offset.reshape(1))
     n = state.absmax.numel()
-    ours, theirs = qt.scales[:n].long(), state.absmax.long()
+    ours, theirs = qt.parts["scales"][:n].long(), state.absmax.long()
     differ = ours != theirs
     assert differ.float().mean() < 0.005
     # 4. where the scale codes differ, qpeft's level is the nearer one

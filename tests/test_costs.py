@@ -7,19 +7,17 @@ import pytest
 import torch
 
 from qpeft.allocation.costs import element_weights, group_configs, matrix_costs, scale_format_errors
-from qpeft.allocation.grid import lqlora_grid, parse_grid
 from qpeft.allocation.ilp import hull_configs, ilp_allocate, pareto_configs
 from qpeft.decompose.lqlora import alternate
 from qpeft.errors import QpeftError
-from qpeft.quant import dequantize, parse_config, quantize
-from qpeft.quant.blockwise import simulate
+from qpeft.quant import dequantize, parse_config, parse_grid, quantize, simulate
 
 
 @pytest.mark.parametrize("shape", [(48, 64), (37, 29)])
 def test_simulate_is_dequantize_of_quantize(shape):
     torch.manual_seed(0)
     w = torch.randn(shape) * 0.05
-    for config in [*lqlora_grid()[::11], parse_config("nf4-b64-fp16")]:
+    for config in [*parse_grid("lqlora")[::11], parse_config("nf4-b64-fp16")]:
         assert torch.equal(simulate(w, config), dequantize(quantize(w, config))), config.name
 
 
@@ -28,13 +26,13 @@ def test_scale_format_errors_equal_direct_errors(weighted):
     torch.manual_seed(1)
     x = torch.randn(40, 96) * 0.1
     weights = torch.rand(40, 96) if weighted else None
-    group = [c for c in lqlora_grid() if (c.bits, c.block_size) == (3, 32)]
+    group = [c for c in parse_grid("lqlora") if (c.bits, c.block_size) == (3, 32)]
     fast = scale_format_errors(x, group, weights)
     for config, value in zip(group, fast, strict=True):
         diff = (x - simulate(x, config)).square()
         direct = float((diff * weights).sum() if weighted else diff.sum())
         assert value == pytest.approx(direct, rel=1e-5), config.name
-    with pytest.raises(ValueError, match="share code bits and block size"):
+    with pytest.raises(ValueError, match="share one codes_key"):
         scale_format_errors(x, [parse_config("nf3"), parse_config("nf4")])
 
 
@@ -47,7 +45,7 @@ def test_element_weights_keep_the_fisher_mass_and_a_rank_one_fisher():
 
 
 def test_groups_share_bits_and_block_and_start_with_the_finest_scales():
-    grid = lqlora_grid()
+    grid = parse_grid("lqlora")
     groups = group_configs(grid)
     assert len(groups) == 12 and sorted(j for g in groups for j in g) == list(range(432))
     for group in groups:
@@ -58,7 +56,7 @@ def test_groups_share_bits_and_block_and_start_with_the_finest_scales():
 def test_rank_zero_costs_are_plain_quantization_errors():
     torch.manual_seed(2)
     w = torch.randn(32, 64) * 0.02
-    grid = lqlora_grid()[::17]
+    grid = parse_grid("lqlora")[::17]
     costs = matrix_costs(w, grid, rank=0)
     direct = [float((w - simulate(w, c)).square().sum()) for c in grid]
     np.testing.assert_allclose(costs, direct, rtol=1e-5)
@@ -68,7 +66,7 @@ def test_refinement_only_lowers_costs_and_refines_the_hull():
     torch.manual_seed(3)
     w = torch.randn(64, 96) * 0.02 + 0.01 * torch.randn(64, 4) @ torch.randn(4, 96)
     r, c = torch.rand(64) + 0.5, torch.rand(96) + 0.5
-    grid = lqlora_grid()[::5]
+    grid = parse_grid("lqlora")[::5]
     shared = matrix_costs(w, grid, rank=4, row_weight=r, col_weight=c, refine_iters=0)
     refined = matrix_costs(w, grid, rank=4, row_weight=r, col_weight=c)
     everything = matrix_costs(w, grid, rank=4, row_weight=r, col_weight=c, refine="all")
@@ -97,7 +95,7 @@ def test_elementwise_fisher_costs():
     quantization (each config's cost is at most that of its own Q with L = 0)."""
     torch.manual_seed(4)
     w = torch.randn(48, 64) * 0.02 + 0.01 * torch.randn(48, 3) @ torch.randn(3, 64)
-    grid = lqlora_grid()[::23]
+    grid = parse_grid("lqlora")[::23]
     skewed = torch.rand(48, 64).square() * (torch.rand(48, 1) + 0.1)  # not rank one
     r, c = skewed.mean(dim=1).sqrt(), skewed.mean(dim=0).sqrt()
     direct = [float((skewed * (w - simulate(w, g)).square()).sum()) for g in grid]
@@ -121,7 +119,7 @@ def test_coarse_scale_configs_get_their_own_low_rank_fit():
     w = torch.randn(96, 256) * 0.02 + torch.randn(96, rank) @ torch.randn(rank, 256) * 0.01
     w[:, :3] *= 25
     r, c = torch.rand(96) + 0.5, torch.rand(256) + 0.5
-    grid = [g for g in lqlora_grid() if g.bits in (2, 3) and g.block_size == 64]
+    grid = [g for g in parse_grid("lqlora") if g.bits in (2, 3) and g.block_size == 64]
     bits = np.array([g.bits_per_param for g in grid])
 
     def envelope(costs):
@@ -174,7 +172,7 @@ def test_scale_dtype_siblings_share_one_fit_that_prices_each_validly(monkeypatch
     torch.manual_seed(5)
     w = torch.randn(64, 128) * 0.02 + 0.01 * torch.randn(64, 3) @ torch.randn(3, 128)
     r, c = torch.rand(64) + 0.5, torch.rand(128) + 0.5
-    grid = [g for g in lqlora_grid() if (g.bits, g.block_size) == (3, 32) and g.scale_bits in (4, 8)]
+    grid = [g for g in parse_grid("lqlora") if (g.bits, g.block_size) == (3, 32) and g.scale_bits in (4, 8)]
     fits = []
     fitted = costs_module.lowrank_factors
 

@@ -19,8 +19,7 @@ from qpeft.io.checkpoint import read_manifest
 from qpeft.models.loading import load_checkpoint
 from qpeft.models.selection import DEFAULT_TARGETS
 from qpeft.pipeline.calibrate import calibrate, calibrate_activations
-from qpeft.quant import dequantize, parse_config
-from qpeft.quant.blockwise import simulate
+from qpeft.quant import dequantize, parse_config, simulate
 from tests.conftest import SMALL_GRID, SUBPROCESS_ENV, assert_one_line_error, cli_command, free_port, run
 
 

@@ -7,8 +7,8 @@ import torch
 
 from qpeft.errors import QpeftError
 from qpeft.quant import dequantize, nf_codebook, parse_config, quantize
-from qpeft.quant.blockwise import normalized_blocks, pack_quantized
 from qpeft.quant.codebooks import nearest_level
+from qpeft.quant.formats.normalfloat import normalized_blocks, pack_quantized
 from qpeft.quant.gptq import gptq_quantize
 
 CONFIGS = ["nf3-b64-s4x64-fp16", "nf4-b64-s8x256-fp32", "nf2-b16-s2x16-bf16", "nf3-b32-fp32"]
@@ -68,7 +68,7 @@ def test_gptq_keeps_the_scales_and_the_format(name):
     for key in ("scales", "scale_scales", "scale_offset"):
         if key in nearest.tensors():
             assert torch.equal(qt.tensors()[key], nearest.tensors()[key]), key
-    assert not torch.equal(qt.codes, nearest.codes)
+    assert not torch.equal(qt.parts["codes"], nearest.parts["codes"])
 
 
 def test_gptq_with_uncorrelated_inputs_is_nearest_rounding():
@@ -76,7 +76,7 @@ def test_gptq_with_uncorrelated_inputs_is_nearest_rounding():
     config = parse_config("nf3-b32-fp32")
     weight = torch.randn(16, 64)
     gram = torch.diag(torch.rand(64).add(0.5)).double()
-    assert torch.equal(gptq_quantize(weight, config, gram).codes, quantize(weight, config).codes)
+    assert torch.equal(gptq_quantize(weight, config, gram).parts["codes"], quantize(weight, config).parts["codes"])
 
 
 def test_gptq_dead_input_channels():

@@ -22,6 +22,16 @@ def _known(name: str, modules: dict[str, Path]) -> str | None:
     return name or None
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node that can run: all but the bodies of `if TYPE_CHECKING:` blocks."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
 def import_graph() -> dict[str, set[str]]:
     """module → the qpeft modules it imports anywhere in its body. Importing a.b.c runs
     a and a.b first, so those count too, except the importer's own packages (which are
@@ -32,7 +42,7 @@ def import_graph() -> dict[str, set[str]]:
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         own = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
         targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in _runtime_nodes(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -90,3 +100,9 @@ def test_the_graph_sees_lazy_and_package_imports():
 def test_qpeft_has_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_only_imports_that_can_run_count():
+    tree = ast.parse("if TYPE_CHECKING:\n    import a\nelse:\n    import c\ndef f():\n    import b\n")
+    names = {alias.name for node in _runtime_nodes(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert names == {"b", "c"}

@@ -49,7 +49,7 @@ def test_checkpoint_round_trip(tiny_model_dir, tmp_path, config_name):
     numel = sum(m["shape"][0] * m["shape"][1] for m in manifest["quantized"].values())
     assert (
         manifest["summary"]["bits_per_param"]
-        == sum(storage_bits(config, m["shape"][0] * m["shape"][1]) for m in manifest["quantized"].values()) / numel
+        == sum(storage_bits(config, m["shape"]) for m in manifest["quantized"].values()) / numel
     )
 
     model = load_checkpoint(out)

@@ -9,21 +9,20 @@ import torch
 from qpeft.errors import QpeftError
 from qpeft.quant import (
     PRESETS,
-    QuantConfig,
+    NFConfig,
     bits_per_param,
     dequantize,
     nf_codebook,
     parse_config,
     quantize,
     storage_bits,
-    storage_layout,
 )
-from qpeft.quant.blockwise import DEFAULT_CHUNK
 from qpeft.quant.codebooks import dynamic_codebook, nearest_level, uniform_codebook
+from qpeft.quant.config import DEFAULT_CHUNK
 from qpeft.quant.packing import pack_codes, packed_numel, unpack_codes
 
 ALL_CONFIGS = [
-    QuantConfig(b, B0, b0, B1, dt)
+    NFConfig(b, B0, b0, B1, dt)
     for b in (2, 3, 4, 8)
     for B0 in (16, 64)
     for b0, B1 in ((2, 16), (3, 64), (4, 16), (8, 256), (None, None))
@@ -120,7 +119,7 @@ def test_bits_per_param_equals_bytes_stored(config):
     stored_bits = qt.nbytes * 8
     offset_bits = 32 if config.double_quant else 0
     assert stored_bits - offset_bits == bits_per_param(config) * weight.numel()
-    assert stored_bits == storage_bits(config, weight.numel())
+    assert stored_bits == storage_bits(config, weight.shape)
 
 
 @pytest.mark.parametrize("config", [parse_config(s) for s in ("nf4", "nf3-b16-s3x64-bf16", "nf2-b64-fp16")], ids=str)
@@ -128,11 +127,11 @@ def test_bits_per_param_equals_bytes_stored(config):
 def test_padding_is_counted(config, shape):
     weight = torch.randn(shape)
     qt = quantize(weight, config)
-    layout = storage_layout(config, weight.numel())
+    layout = config.layout(weight.numel())
     assert layout.padded_numel % config.block_size == 0 and layout.padded_numel >= weight.numel()
-    assert qt.nbytes * 8 == storage_bits(config, weight.numel())
+    assert qt.nbytes * 8 == storage_bits(config, weight.shape)
     # the padding makes the real cost per parameter higher than the asymptotic one
-    assert storage_bits(config, weight.numel()) / weight.numel() >= bits_per_param(config)
+    assert storage_bits(config, weight.shape) / weight.numel() >= bits_per_param(config)
     assert dequantize(qt).shape == weight.shape
 
 
@@ -194,7 +193,7 @@ def test_chunking_does_not_change_the_result():
 def test_half_inputs_and_outputs(dtype):
     weight = torch.randn(64, 128, dtype=dtype)
     qt = quantize(weight, PRESETS["nf4"])
-    assert torch.equal(qt.codes, quantize(weight.float(), PRESETS["nf4"]).codes)
+    assert torch.equal(qt.parts["codes"], quantize(weight.float(), PRESETS["nf4"]).parts["codes"])
     out = dequantize(qt, dtype=dtype)
     assert out.dtype == dtype
     assert torch.equal(out, dequantize(qt).to(dtype))

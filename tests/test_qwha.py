@@ -7,13 +7,11 @@ import pytest
 import torch
 
 from qpeft.allocation.costs import qwha_matrix_costs
-from qpeft.allocation.grid import lqlora_grid
 from qpeft.allocation.ilp import REFINED_SETS
 from qpeft.calibration.activations import damping_shift, input_grams
 from qpeft.calibration.stream import LayerwiseLM
 from qpeft.decompose.qwha import QWHASolver, ada_alloc, parameter_count, qwha_init, select_positions
-from qpeft.quant import PRESETS
-from qpeft.quant.blockwise import simulate
+from qpeft.quant import PRESETS, parse_grid, simulate
 from qpeft.transforms.hadamard import WalshHadamard
 
 
@@ -124,7 +122,7 @@ def test_cost_table_is_exact_where_the_allocation_chooses(refine):
     d_out, d_in = 40, 64
     x = _inputs(300, d_in, 11).double()
     weight = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(12)) * 0.05
-    grid = lqlora_grid()[::7]
+    grid = parse_grid("lqlora")[::7]
     solver = QWHASolver(x.T @ x / 300)
     count = parameter_count(2, (d_out, d_in))
     costs = qwha_matrix_costs(weight, grid, solver, count, refine=refine)

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER = """
 import json, sys, time, torch
 from qpeft.allocation.costs import matrix_costs
-from qpeft.allocation.grid import parse_grid
+from qpeft.quant import parse_grid
 from qpeft.models.resolve import resolve_model
 from qpeft.models.selection import DEFAULT_TARGETS
 from qpeft.models.weights import SafetensorsWeights
@@ -78,9 +78,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="2.5,2.75,3.25,3.5,4.5,6")
     args = parser.parse_args()
 
-    from qpeft.allocation.grid import parse_grid
     from qpeft.allocation.ilp import ilp_allocate
     from qpeft.pipeline.decompose import storage_bits_table
+    from qpeft.quant import parse_grid
 
     layers = {int(x) for x in args.layers.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +109,7 @@ def main() -> None:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=True)
 
     numel = [sizes[n] for n in names]
-    bits = storage_bits_table(parse_grid("lqlora"), numel)
+    bits = storage_bits_table(parse_grid("lqlora"), [(1, n) for n in numel])  # NF: only the size counts
     this, other = (np.array(costs[side]) for side in workers)
     print(f"{len(names)} matrices, rank {args.rank}; this checkout vs {args.rev}")
     print(

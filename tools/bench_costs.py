@@ -35,8 +35,8 @@ import torch
 from measure import sync
 
 from qpeft.allocation.costs import matrix_costs
-from qpeft.allocation.grid import parse_grid
 from qpeft.decompose.lqlora import lq_decompose
+from qpeft.quant import parse_grid
 
 # (name, shape, matrices of that shape in the model)
 MODELS = {
@@ -66,7 +66,7 @@ def accuracy(rank: int, grid: list) -> None:
     from qpeft.models.selection import DEFAULT_TARGETS
     from qpeft.models.weights import SafetensorsWeights
     from qpeft.pipeline.calibrate import calibrate
-    from qpeft.quant.blockwise import simulate
+    from qpeft.quant import simulate
 
     model_dir = resolve_model(None)
     fisher, _, _ = calibrate(model_dir, DEFAULT_TARGETS)

@@ -40,7 +40,7 @@ def main() -> None:
     pairs = nf_codebook(4)[_byte_lut_cpu(4).long()]  # (256, 2) fp32
     tables = {"(256, 2) rows": pairs, "float64 per byte": pairs.view(torch.float64).reshape(256)}
     tables["int64 per byte (qpeft)"] = decode_lut(nf_codebook(4), 4)
-    codes = {"random": qt.codes.to(torch.int32)}
+    codes = {"random": qt.parts["codes"].to(torch.int32)}
     codes["sorted"] = codes["random"].sort().values
     print(f"torch {torch.__version__}, {args.threads} thread(s); median ms of {args.repeats}")
     print(f"{'gather of 442,368 bytes':<26} {'random codes':>13} {'sorted codes':>13}")

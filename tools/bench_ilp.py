@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 
-from qpeft.allocation import ilp_allocate, lqlora_grid
+from qpeft.allocation import ilp_allocate
+from qpeft.quant import parse_grid
 
 
 def llama70b_numel(matrices: int) -> np.ndarray:
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
-    grid = lqlora_grid()
+    grid = parse_grid("lqlora")
     bits = np.array([c.bits_per_param for c in grid])
     code_bits = np.array([c.bits for c in grid], dtype=np.float64)
     numel = llama70b_numel(args.matrices)

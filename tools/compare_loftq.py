@@ -30,8 +30,7 @@ from qpeft.models.resolve import resolve_model
 from qpeft.models.selection import DEFAULT_TARGETS, select_linear
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.pipeline.calibrate import calibrate
-from qpeft.quant import dequantize, parse_config, storage_bits
-from qpeft.quant.blockwise import simulate
+from qpeft.quant import dequantize, parse_config, simulate, storage_bits
 
 
 @contextlib.contextmanager

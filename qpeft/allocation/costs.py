@@ -11,10 +11,11 @@ steps still use the row/column weights.
 Running the full alternation for each of the 432 configs is what makes the
 reference code need a GPU cluster. The work is shared instead:
 
-* configs that share code bits b and block size B0 (a group) choose the same codes
-  for a given input (codes are picked against the exact block absmax), so they
-  differ only in the block scales. One `normalized_blocks` pass per group gives
-  every config's quantization of the same input;
+* configs that share a `codes_key` (a group; NormalFloat: code bits b and block
+  size B0) choose the same codes for a given input (NF codes are picked against the
+  exact block absmax), so they differ only in the block scales. One
+  `shared_levels` pass per group gives every config's quantization of the same
+  input; a format that shares nothing (integer) makes one-config groups;
 * the alternation runs once per group, cold, under the group's finest scale format
   (its anchor), its warm SVDs with one power iteration instead of two: 0.92–0.94×
   the table's time, optimal allocations 0.03–0.15% costlier (42 SmolLM2 matrices,
@@ -25,9 +26,10 @@ reference code need a GPU cluster. The work is shared instead:
   within ±0.1%). Pricing configs on the anchor's factors alone is not enough: with
   coarse (2–3 bit, 256-block) scales the configs' own low-rank part absorbs the
   blocks that set the scale range and their error drops up to 3×;
-* configs that differ only in the dtype of the second-level scales share one fit, the
-  fp16 member's, and each is priced with its own Q: 0.85× the table's time, optimal
-  allocations within 0.03% (42 SmolLM2 matrices, budgets 2.5–6). bf16 costs the
+* configs with one `fit_key` (NF: that differ only in the dtype of the second-level
+  scales) share one fit, the fp16 member's (the first in `fit_order`), and each
+  is priced with its own Q: 0.85× the table's time, optimal allocations within
+  0.03% (42 SmolLM2 matrices, budgets 2.5–6). bf16 costs the
   bits of fp16 with a coarser mantissa and fp32 costs more bits, so the siblings'
   fits matter only where they would beat fp16's, and fp16 itself is fitted exactly;
 * the configs on the lower convex hull of the matrix's (bits, cost) front, where
@@ -37,9 +39,8 @@ reference code need a GPU cluster. The work is shared instead:
   hull) takes 1.48× the time for allocations 0.02–0.14% cheaper
   (`tools/bench_costs.py --refine-sets`, docs/RESULTS.md).
 
-With rank 0 the group pass prices every scale format exactly in O(blocks): with
-e = x − m·v (m the exact absmax, v the chosen level) and d = m − s, the error of
-block k is E_k + 2·d_k·G_k + d_k²·C_k, where E = Σ F̂e², G = Σ F̂ev, C = Σ F̂v².
+With rank 0 the group pass prices every scale format exactly (NF in O(blocks),
+`NormalizedBlocks`).
 
 `tools/bench_costs.py` measures the time, and the distance to running every
 config's own full alternation.
@@ -56,8 +57,7 @@ from qpeft.allocation.ilp import REFINED_SETS
 from qpeft.decompose.lowrank import lowrank_factors
 from qpeft.decompose.lqlora import alternate, row_space, weighted_error
 from qpeft.decompose.qwha import QWHASolver
-from qpeft.quant import QuantConfig
-from qpeft.quant.blockwise import normalized_blocks, scaled_levels, simulate, simulated_scales
+from qpeft.quant import QuantConfig, simulate
 
 
 def element_weights(
@@ -75,45 +75,21 @@ def element_weights(
 def scale_format_errors(
     residual: torch.Tensor, configs: Sequence[QuantConfig], weights: torch.Tensor | None = None
 ) -> list[float]:
-    """Σ F̂·(x − deq(quant(x)))² for each config, all sharing bits and block size."""
-    bits, block = configs[0].bits, configs[0].block_size
-    if any((c.bits, c.block_size) != (bits, block) for c in configs):
-        raise ValueError("scale_format_errors needs configs that share code bits and block size")
-    return _priced_errors(*normalized_blocks(residual, bits, block), configs, weights)
-
-
-def _priced_errors(
-    blocks: torch.Tensor,
-    absmax: torch.Tensor,
-    levels: torch.Tensor,
-    configs: Sequence[QuantConfig],
-    weights: torch.Tensor | None,
-) -> list[float]:
-    diff = blocks - levels * absmax.unsqueeze(1)
-    if weights is None:
-        weighted_levels, weighted_diff = levels, diff
-    else:
-        flat = weights.reshape(-1)
-        w = torch.nn.functional.pad(flat, (0, blocks.numel() - flat.numel())).view_as(blocks)
-        weighted_levels, weighted_diff = levels * w, diff * w
-    exact = (weighted_diff * diff).sum(dim=1).double()
-    cross = (weighted_diff * levels).sum(dim=1).double()
-    level_mass = (weighted_levels * levels).sum(dim=1).double()
-    errors = []
-    for config in configs:
-        gap = (absmax - simulated_scales(absmax, config)).double()
-        errors.append(float((exact + gap * (2 * cross + gap * level_mass)).sum()))
-    return errors
+    """Σ F̂·(x − deq(quant(x)))² for each config, all sharing one `codes_key`."""
+    if any(c.codes_key != configs[0].codes_key for c in configs):
+        raise ValueError("scale_format_errors needs configs that share one codes_key")
+    return configs[0].shared_levels(residual).errors(configs, weights)
 
 
 def group_configs(configs: Sequence[QuantConfig]) -> list[list[int]]:
-    """Indices of `configs` grouped by (code bits, block size); within a group the
-    finest scale format (most bits) comes first; groups by rising bits, falling block."""
-    groups: dict[tuple[int, int], list[int]] = {}
+    """Indices of `configs` grouped by `codes_key`; within a group the finest scale
+    format (most bits) comes first; groups in `group_order` (NF: rising code bits,
+    falling block size), then in order of first appearance."""
+    groups: dict[object, list[int]] = {}
     for index, config in enumerate(configs):
-        groups.setdefault((config.bits, config.block_size), []).append(index)
-    ordered = sorted(groups.items(), key=lambda item: (item[0][0], -item[0][1]))
-    return [sorted(members, key=lambda j: -configs[j].bits_per_param) for _, members in ordered]
+        groups.setdefault(config.codes_key, []).append(index)
+    ordered = [sorted(members, key=lambda j: -configs[j].bits_per_param) for members in groups.values()]
+    return sorted(ordered, key=lambda members: configs[members[0]].group_order)
 
 
 def matrix_costs(
@@ -170,20 +146,19 @@ def matrix_costs(
             warm_power_iters=1,
         )
         residual = w - anchor.left @ anchor.right if rank else w
-        blocks, absmax, levels = normalized_blocks(residual, members[0].bits, members[0].block_size)
-        costs[group] = _priced_errors(blocks, absmax, levels, members, weights)
+        levels = members[0].shared_levels(residual)
+        costs[group] = levels.errors(members, weights)
         if rank == 0:
             continue
         start = row_space(anchor.right, col_weight)
-        shared: dict[tuple[int | None, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
-        for j, config in sorted(zip(group, members, strict=True), key=lambda item: item[1].scale_dtype != "fp16"):
-            target = w - scaled_levels(levels, absmax, config, w.shape)
-            siblings = (config.scale_bits, config.scale_block_size) if config.double_quant else (None, j)
-            if siblings not in shared:
-                shared[siblings] = lowrank_factors(
+        shared: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
+        for j, config in sorted(zip(group, members, strict=True), key=lambda item: item[1].fit_order):
+            target = w - levels.values(config, w.shape)
+            if config.fit_key not in shared:
+                shared[config.fit_key] = lowrank_factors(
                     target, rank, row_weight, col_weight, step_generator, start, power_iters=0
                 )
-            left, right = fits[j] = shared[siblings]
+            left, right = fits[j] = shared[config.fit_key]
             costs[j] = min(costs[j], price(target - left @ right))
     if rank == 0 or refine_iters == 0:
         return costs

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qpeft.decompose.lowrank import lowrank_factors
-from qpeft.quant import QuantConfig, QuantizedTensor, quantize
-from qpeft.quant.blockwise import simulate
+from qpeft.quant import QuantConfig, QuantizedTensor, quantize, simulate
 
 
 @dataclass

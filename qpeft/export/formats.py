@@ -33,7 +33,7 @@ from qpeft.models.resolve import copy_model_files
 from qpeft.models.weights import unshared_state
 from qpeft.modules import quantized_layers
 from qpeft.quant import PRESETS, QuantizedTensor, dequantize, quantize
-from qpeft.quant.blockwise import TORCH_DTYPES
+from qpeft.quant.config import TORCH_DTYPES
 
 REPORT_NAME = "qpeft_export.json"
 NF4 = PRESETS["nf4"]  # bitsandbytes' NF4 with double quantization
@@ -78,24 +78,23 @@ def bnb_state(qt: QuantizedTensor, compute_dtype: torch.dtype) -> dict[str, torc
     import bitsandbytes.functional as bnbf
 
     from qpeft.quant.codebooks import dynamic_codebook, nf_codebook
-    from qpeft.quant.config import storage_layout
 
-    numel = qt.shape[0] * qt.shape[1]
-    layout = storage_layout(qt.config, numel)
+    numel, parts = qt.shape[0] * qt.shape[1], qt.parts
+    layout = qt.config.layout(numel)
     nested = bnbf.QuantState(
-        absmax=qt.scale_scales.float(), code=dynamic_codebook(), blocksize=256, dtype=torch.float32
+        absmax=parts["scale_scales"].float(), code=dynamic_codebook(), blocksize=256, dtype=torch.float32
     )
     state = bnbf.QuantState(
-        absmax=qt.scales[: layout.num_blocks],
+        absmax=parts["scales"][: layout.num_blocks],
         shape=torch.Size(qt.shape),
         code=nf_codebook(4),
         blocksize=64,
         quant_type="nf4",
         dtype=compute_dtype,
-        offset=qt.scale_offset.float().reshape(()),
+        offset=parts["scale_offset"].float().reshape(()),
         state2=nested,
     )
-    packed = qt.codes[: (numel + 1) // 2].reshape(-1, 1)
+    packed = parts["codes"][: (numel + 1) // 2].reshape(-1, 1)
     # the codebooks are cached tensors shared by every matrix: each gets its own copy
     return {"": packed, **{f".{k}": v.clone() for k, v in state.as_dict(packed=True).items()}}
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from qpeft.quant.blockwise import QuantizedTensor
-from qpeft.quant.blockwise import dequantize as torch_dequantize
+from qpeft.quant import QuantConfig, QuantizedTensor
+from qpeft.quant import dequantize as torch_dequantize
 
 DEQUANT_ENV = "QPEFT_DEQUANT"
 CHOICES = ("auto", "torch", "triton")
@@ -41,11 +41,17 @@ def _fused_for(device_type: str, choice: str) -> Callable | None:
     return dequant_matmul if fused_available(torch.device(device_type)) else None
 
 
-def fused_dequant_matmul(device: torch.device) -> Callable | None:
+def fused_dequant_matmul(device: torch.device, config: QuantConfig) -> Callable | None:
     """`dequant_matmul(x, qt, transpose=False)` (x·deq(Q)ᵀ, or x·deq(Q)) fused in one
-    Triton kernel for tensors on `device`, or None where it does not run (no Triton, not
-    CUDA, or not asked for with QPEFT_DEQUANT=triton)."""
-    return _fused_for(device.type, dequant_choice())
+    Triton kernel for matrices of `config` on `device`, or None where it does not run
+    (no Triton, not CUDA, a format it has no kernel for, or not asked for with
+    QPEFT_DEQUANT=triton)."""
+    fused = _fused_for(device.type, dequant_choice())
+    if fused is None:
+        return None
+    from qpeft.kernels.triton_dequant import supports
+
+    return fused if supports(config) else None
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

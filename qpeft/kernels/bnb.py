@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from qpeft.quant.blockwise import QuantizedTensor, dequantize, quantize
+from qpeft.quant import QuantizedTensor, dequantize, quantize
 from qpeft.quant.bnb_format import BNB_CONFIG
 from qpeft.quant.codebooks import dynamic_codebook
 
@@ -37,10 +37,11 @@ def _bnb_kernels_on(device: str) -> bool:
 
 def _bnb_dequantize(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     ops = torch.ops.bitsandbytes
-    code, scale_block = dynamic_codebook(qt.codes.device), BNB_CONFIG.scale_block_size
-    absmax = ops.dequantize_blockwise.default(qt.scales, qt.scale_scales, code, scale_block, torch.float32)
-    absmax += qt.scale_offset
-    codes = qt.codes[: (qt.numel + 1) // 2]  # bitsandbytes keeps no padding to whole blocks
+    parts = qt.parts
+    code, scale_block = dynamic_codebook(qt.device), BNB_CONFIG.scale_block_size
+    absmax = ops.dequantize_blockwise.default(parts["scales"], parts["scale_scales"], code, scale_block, torch.float32)
+    absmax += parts["scale_offset"]
+    codes = parts["codes"][: (qt.numel + 1) // 2]  # bitsandbytes keeps no padding to whole blocks
     return ops.dequantize_4bit.default(codes, absmax, BNB_CONFIG.block_size, "nf4", list(qt.shape), dtype)
 
 
@@ -55,6 +56,6 @@ def bnb_dequantize(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor | No
         # bitsandbytes 0.50's CPU kernel gets rows that are not whole blocks wrong
         # (e.g. 64x32, 2x96), and falls back to a torch.compile'd function on odd rows
         return None
-    if not _bnb_kernels_on(str(qt.codes.device)):
+    if not _bnb_kernels_on(str(qt.device)):
         return None
     return _bnb_dequantize(qt, dtype)

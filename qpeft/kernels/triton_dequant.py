@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qpeft.quant import QuantizedTensor, dequantize_scales, nf_codebook
+from qpeft.quant import QuantConfig, QuantizedTensor, nf_codebook
+from qpeft.quant.formats.normalfloat import NFConfig, dequantize_scales
 
 INTERPRET_ENV = "TRITON_INTERPRET"
 
@@ -109,6 +110,11 @@ def _dequant_matmul_kernel(
     )
 
 
+def supports(config: QuantConfig) -> bool:
+    """The kernel decodes NormalFloat codes (any b, B0 and scale format)."""
+    return isinstance(config, NFConfig)
+
+
 def fused_available(device: torch.device) -> bool:
     """Whether the fused kernel runs for tensors on `device`: CUDA, or anything under
     Triton's interpreter."""
@@ -133,7 +139,7 @@ def dequant_matmul(x: torch.Tensor, qt: QuantizedTensor, transpose: bool = False
     grid = (triton.cdiv(m_dim, block_m), triton.cdiv(n_dim, block_n))
     _dequant_matmul_kernel[grid](
         x2,
-        qt.codes,
+        qt.parts["codes"],
         codebook,
         scales,
         out,

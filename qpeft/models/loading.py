@@ -18,7 +18,6 @@ from qpeft.models.weights import SafetensorsWeights
 from qpeft.modules import QuantLinear
 from qpeft.modules.adapters import build_adapter
 from qpeft.quant import parse_config
-from qpeft.quant.blockwise import PART_NAMES
 
 
 def build_skeleton(model_dir: Path, dtype: torch.dtype = torch.float32, **options: Any) -> nn.Module:
@@ -65,6 +64,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, device: str 
     manifest = read_manifest(path)
     model = build_skeleton(path, dtype)
     quantized: dict[str, Any] = manifest["quantized"]
+    quantized_parts: set[str] = set()
     for name, entry in quantized.items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
@@ -79,7 +79,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, device: str 
             build_adapter(entry.get("adapter"), linear.in_features, linear.out_features, "meta", dtype),
         )
         model.set_submodule(name, module)
-    quantized_parts = {f"{name}.{part}" for name in quantized for part in PART_NAMES}
+        quantized_parts.update(f"{name}.{part}" for part in module.part_names)
     for shard, tensors in iter_shards(path, manifest, device):
         for key, tensor in tensors.items():
             if key not in quantized_parts and tensor.is_floating_point():

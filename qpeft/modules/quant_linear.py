@@ -8,7 +8,6 @@ from torch import nn
 
 from qpeft.kernels import dequantize, fused_dequant_matmul
 from qpeft.quant import QuantConfig, QuantizedTensor, quantize
-from qpeft.quant.blockwise import PART_NAMES, part_specs
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -32,7 +31,7 @@ class _QuantMatmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: QuantLinear, merge: bool, *params: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
         ctx.layer, ctx.merge, ctx.dtype = layer, merge, dtype
-        fused = None if merge else fused_dequant_matmul(x.device)
+        fused = None if merge else fused_dequant_matmul(x.device, layer.config)
         ctx.fused = fused
         if fused is not None:
             return fused(x.to(dtype), layer.quantized)
@@ -88,7 +87,8 @@ class QuantLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.config = in_features, out_features, config
-        for name, (part_dtype, numel) in part_specs(config, in_features * out_features).items():
+        self.part_names = tuple(config.part_specs((out_features, in_features)))
+        for name, (part_dtype, numel) in config.part_specs((out_features, in_features)).items():
             self.register_buffer(name, torch.empty(numel, dtype=part_dtype, device=device))
         self.adapter = adapter
         self.bias = (
@@ -109,8 +109,8 @@ class QuantLinear(nn.Module):
 
     @property
     def quantized(self) -> QuantizedTensor:
-        parts = {name: getattr(self, name) for name in PART_NAMES if hasattr(self, name)}
-        return QuantizedTensor(self.config, (self.out_features, self.in_features), **parts)
+        parts = {name: getattr(self, name) for name in self.part_names}
+        return QuantizedTensor(self.config, (self.out_features, self.in_features), parts)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.quantized, dtype=dtype)
@@ -126,7 +126,7 @@ class QuantLinear(nn.Module):
                 y = y + self.adapter(x)
             return y if self.bias is None else y + self.bias
         dtype = compute_dtype(x)
-        fused = None if merge else fused_dequant_matmul(x.device)
+        fused = None if merge else fused_dequant_matmul(x.device, self.config)
         if fused is not None:
             y = fused(x.to(dtype), self.quantized)
             y = y if self.bias is None else y + self.bias.to(y.dtype)

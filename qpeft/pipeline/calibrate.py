@@ -32,7 +32,7 @@ from qpeft.distributed import barrier, rank_and_world
 from qpeft.errors import QpeftError
 from qpeft.models.resolve import cache_dir
 from qpeft.models.selection import select_linear
-from qpeft.quant.blockwise import TORCH_DTYPES
+from qpeft.quant.config import TORCH_DTYPES
 
 
 def model_fingerprint(model_dir: Path) -> str:

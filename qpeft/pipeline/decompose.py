@@ -263,9 +263,9 @@ def load_cost_table(path: Path, settings: DecomposeSettings) -> CostTable:
     )
 
 
-def storage_bits_table(grid: Sequence[QuantConfig], numel: Sequence[int]) -> np.ndarray:
+def storage_bits_table(grid: Sequence[QuantConfig], shapes: Sequence[tuple[int, int]]) -> np.ndarray:
     """Exact stored bits per parameter (padding and offsets included), matrices × configs."""
-    return np.array([[storage_bits(c, n) / n for c in grid] for n in numel])
+    return np.array([[storage_bits(c, shape) / (shape[0] * shape[1]) for c in grid] for shape in shapes])
 
 
 def lowrank_bits(rank: int, shape: tuple[int, int], nf8: bool) -> int:
@@ -274,7 +274,7 @@ def lowrank_bits(rank: int, shape: tuple[int, int], nf8: bool) -> int:
     if rank == 0:
         return 0
     if nf8:
-        return storage_bits(PRESETS["nf8"], rows * rank) + storage_bits(PRESETS["nf8"], rank * cols)
+        return storage_bits(PRESETS["nf8"], (rows, rank)) + storage_bits(PRESETS["nf8"], (rank, cols))
     return 16 * rank * (rows + cols)
 
 
@@ -295,7 +295,7 @@ def _split_matrix(
     entry: dict[str, Any] = {
         "config": config.name,
         "shape": list(w.shape),
-        "bits": storage_bits(config, w.numel()) / w.numel(),
+        "bits": storage_bits(config, w.shape) / w.numel(),
         "adapter": None if split.adapter is None else split.adapter.spec(),
         "adapter_bits": sum(8 * t.numel() * t.element_size() for t in adapter.values()),
         "adapter_params": sum(t.numel() for t in adapter.values() if t.is_floating_point()),
@@ -411,7 +411,7 @@ def plan_matrices(
     if budget is None and len(grid) != 1:
         raise QpeftError("give a bit budget, or a single config")
     if budget is not None:
-        check_budget(budget, storage_bits_table(grid, numel), numel, above_ok=False)
+        check_budget(budget, storage_bits_table(grid, list(shapes.values())), numel, above_ok=False)
     return names, numel, shapes
 
 
@@ -437,7 +437,7 @@ def decompose_model(
     rank_id, world = rank_and_world()
     started = time.perf_counter()
     weights = SafetensorsWeights(model_dir)
-    names, numel, _ = plan_matrices(model_dir, targets, grid, budget)
+    names, numel, shapes = plan_matrices(model_dir, targets, grid, budget)
     calibration = method_settings(method)
     costed = {k: v for k, v in calibration.items() if k not in method.split_only}
     settings = DecomposeSettings(
@@ -458,7 +458,7 @@ def decompose_model(
 
     # rank 0 solves the allocation; every process then splits a share of the matrices
     solve_start = time.perf_counter()
-    bits = storage_bits_table(grid, numel)
+    bits = storage_bits_table(grid, list(shapes.values()))
     allocation = None
     if rank_id == 0 and budget is None:
         average = float((bits[:, 0] * np.asarray(numel)).sum() / sum(numel))

@@ -37,7 +37,7 @@ def _quantize_matrix(weight: torch.Tensor, config: QuantConfig, key: str, writer
     return {
         "config": config.name,
         "shape": list(weight.shape),
-        "bits": storage_bits(config, weight.numel()) / weight.numel(),
+        "bits": storage_bits(config, weight.shape) / weight.numel(),
         "rel_error": float(error),
     }
 
@@ -70,7 +70,7 @@ def quantize_model(
             unquantized_dtype,
         )
         numel = sum(m["shape"][0] * m["shape"][1] for m in matrices.values())
-        stored = sum(storage_bits(config, m["shape"][0] * m["shape"][1]) for m in matrices.values())
+        stored = sum(storage_bits(config, m["shape"]) for m in matrices.values())
         manifest = {
             "method": "quantize",
             "base_model": {"path": str(model_dir), "source": source or str(model_dir)},

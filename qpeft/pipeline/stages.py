@@ -187,7 +187,6 @@ def run_decompose(request: DecomposeRequest) -> dict[str, Any] | None:
     """Calibrate, cost, allocate and split; write the checkpoint. Returns its manifest
     on rank 0 of a torch.distributed run (every process calls this), None elsewhere."""
     from calib.batches import calibration_text
-    from qpeft.allocation.grid import parse_grid
     from qpeft.allocation.ilp import parse_budget
     from qpeft.calibration.activations import check_gram_memory
     from qpeft.distributed import init_distributed, rank_and_world
@@ -198,7 +197,7 @@ def run_decompose(request: DecomposeRequest) -> dict[str, Any] | None:
     from qpeft.pipeline.calibrate import calibrate_activations, fisher_for
     from qpeft.pipeline.decompose import decompose_model, plan_matrices
     from qpeft.pipeline.methods import QWHA, LQLoRA, check_rank
-    from qpeft.quant import parse_config
+    from qpeft.quant import parse_config, parse_grid
 
     r = request
     budget = None if r.budget is None else parse_budget(r.budget)

@@ -1,21 +1,27 @@
-"""Blockwise NormalFloat quantizers with exact bit accounting."""
+"""Quantization formats (`qpeft.quant.formats`) behind one interface, with exact bit
+accounting; pure torch ops."""
 
-from qpeft.quant.blockwise import QuantizedTensor, dequantize, dequantize_scales, quantize
 from qpeft.quant.codebooks import dynamic_codebook, nf_codebook, uniform_codebook
-from qpeft.quant.config import PRESETS, QuantConfig, bits_per_param, parse_config, storage_bits, storage_layout
+from qpeft.quant.config import QuantConfig, bits_per_param, dequantize, quantize, simulate, storage_bits
+from qpeft.quant.formats import FORMATS, GRIDS, PRESETS, parse_config, parse_grid
+from qpeft.quant.formats.normalfloat import NFConfig
+from qpeft.quant.tensor import QuantizedTensor
 
 __all__ = [
+    "FORMATS",
+    "GRIDS",
     "PRESETS",
+    "NFConfig",
     "QuantConfig",
     "QuantizedTensor",
     "bits_per_param",
     "dequantize",
-    "dequantize_scales",
     "dynamic_codebook",
     "nf_codebook",
     "parse_config",
+    "parse_grid",
     "quantize",
+    "simulate",
     "storage_bits",
-    "storage_layout",
     "uniform_codebook",
 ]

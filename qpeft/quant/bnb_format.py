@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 
 from qpeft.errors import QpeftError
-from qpeft.quant.blockwise import QuantizedTensor
-from qpeft.quant.config import PRESETS, QuantConfig, storage_layout
+from qpeft.quant.formats.normalfloat import NFConfig
+from qpeft.quant.tensor import QuantizedTensor
 
-BNB_CONFIG = PRESETS["nf4"]  # NF4, blocks of 64, 8-bit dynamic-map scales per 256, fp32
+BNB_CONFIG = NFConfig.presets["nf4"]  # NF4, blocks of 64, 8-bit dynamic-map scales per 256, fp32
 
 
 def from_bnb(packed: torch.Tensor, quant_state) -> QuantizedTensor:
@@ -27,10 +27,10 @@ def from_bnb(packed: torch.Tensor, quant_state) -> QuantizedTensor:
     shape = tuple(quant_state.shape)
     state2 = quant_state.state2 if quant_state.nested else None
     if state2 is not None:
-        config = QuantConfig(4, quant_state.blocksize, 8, state2.blocksize, "fp32")
+        config = NFConfig(4, quant_state.blocksize, 8, state2.blocksize, "fp32")
     else:
-        config = QuantConfig(4, quant_state.blocksize, None, None, "fp32")
-    layout = storage_layout(config, quant_state.shape.numel())
+        config = NFConfig(4, quant_state.blocksize, None, None, "fp32")
+    layout = config.layout(quant_state.shape.numel())
     # bitsandbytes stores only the codes it needs; qpeft pads them to whole blocks
     codes = packed.reshape(-1).view(torch.uint8)
     codes = torch.nn.functional.pad(codes, (0, layout.padded_numel // 2 - codes.numel()))

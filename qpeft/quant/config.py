@@ -1,171 +1,190 @@
-"""Blockwise NormalFloat quantization configs and their exact storage cost.
+"""What every quantization format provides: `QuantConfig`, the base class of each
+format's config, and the format-independent entry points that dispatch to it.
 
-A config is (b, B0, b0, B1, b1) in LQ-LoRA's notation (Guo et al. 2024, §3.2):
-code bits b, first-level block size B0, bits b0 of the quantized block scales,
-second-level block size B1 and the dtype of the second-level scales (b1 bits).
-Storage per parameter is b + b0/B0 + b1/(B0·B1); without double quantization the
-block scales are kept in `scale_dtype` and the cost is b + bits(scale_dtype)/B0.
+A format is one module under `qpeft.quant.formats` that defines a frozen dataclass
+subclassing `QuantConfig` and lists it in `qpeft.quant.formats.FORMATS`. Its config
+object is the format: it parses and prints its names, states its stored parts and
+their exact bits, quantizes, dequantizes, simulates (deq ∘ quant without packing, for
+the searches) and gives GPTQ its per-column rounding (`column_grid`). The cost table
+may share work between configs that pick the same codes for the same input
+(`codes_key`, `shared_levels`); a format without such sharing returns the config
+itself as its key.
 
-String form, used by the CLI and manifests:
-
-    nf4-b64-s8x256-fp32   NF4 codes, B0=64, 8-bit scales in blocks of 256, fp32 level-2
-    nf4-b64-fp16          NF4 codes, B0=64, fp16 scales (no double quantization)
-
-Presets: ``nf4`` (QLoRA's 4.127 bits, bitsandbytes' NF4 + double quant), ``nf3``,
-``nf2`` and ``nf8`` (the same scale scheme under 3-, 2- and 8-bit codes).
+Shapes: a matrix is (d_out, d_in); formats that group along the input dimension read
+both, blockwise formats only the element count.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from qpeft.errors import QpeftError
-from qpeft.quant.packing import group_shape
+import torch
 
-CODE_BITS = (2, 3, 4, 8)
-SCALE_BITS = (2, 3, 4, 8)
+if TYPE_CHECKING:
+    from qpeft.quant.tensor import QuantizedTensor
+
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SCALE_DTYPE_BITS = {"fp16": 16, "bf16": 16, "fp32": 32}
-MAX_BLOCK = 4096
 
-_PATTERN = re.compile(r"^nf(?P<b>\d+)-b(?P<B0>\d+)(?:-s(?P<b0>\d+)x(?P<B1>\d+))?-(?P<dtype>fp16|bf16|fp32)$")
+# Elements per chunk of work: 1 Mi values, 4 MiB per fp32 temporary. Measured on
+# 2 CPU cores (4096x4096 bf16): faster than 256 Ki or 8 Mi chunks (cache-resident).
+DEFAULT_CHUNK = 1 << 20
+
+Shape = tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class QuantConfig:
-    """How one matrix is quantized; see the module docstring for the notation."""
+def matrix_shape(shape: Shape | torch.Size) -> tuple[int, int]:
+    """(rows, columns) of a weight: a matrix as it is, a vector as one row, higher
+    ranks with every trailing dimension as columns."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        return 1, math.prod(shape)
+    return shape[0], math.prod(shape[1:])
 
-    bits: int = 4
-    block_size: int = 64
-    scale_bits: int | None = 8
-    scale_block_size: int | None = 256
-    scale_dtype: str = "fp32"
 
-    def __post_init__(self) -> None:
-        if self.bits not in CODE_BITS:
-            raise QpeftError(f"code bits must be one of {CODE_BITS}, got {self.bits}")
-        _check_block("block size", self.block_size, minimum=8)
-        if self.scale_dtype not in SCALE_DTYPE_BITS:
-            raise QpeftError(f"scale dtype must be one of {tuple(SCALE_DTYPE_BITS)}, got {self.scale_dtype!r}")
-        if (self.scale_bits is None) != (self.scale_block_size is None):
-            raise QpeftError("scale bits and scale block size must be given together (or neither)")
-        if self.scale_bits is not None:
-            if self.scale_bits not in SCALE_BITS:
-                raise QpeftError(f"scale bits must be one of {SCALE_BITS}, got {self.scale_bits}")
-            _check_block("scale block size", self.scale_block_size, minimum=8)
+class ColumnGrid(Protocol):
+    """One matrix's rounding grid with every scale fixed, for GPTQ (`qpeft.quant.gptq`),
+    held column by column (the transposed matrix's rows)."""
+
+    def round(self, column: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int32 codes, dequantized values) of input column j's values (d_out)."""
+        ...
+
+    def pack(self, codes: torch.Tensor) -> QuantizedTensor:
+        """The stored matrix of these codes (d_out × d_in, int32)."""
+        ...
+
+
+class SharedLevels(Protocol):
+    """What configs of one `codes_key` share for one input: their quantization of it."""
+
+    def errors(self, configs: Sequence[QuantConfig], weights: torch.Tensor | None) -> list[float]:
+        """Σ w·(x − deq(quant(x)))² of each config (w: elementwise weights, None = 1)."""
+        ...
+
+    def values(self, config: QuantConfig, shape: torch.Size) -> torch.Tensor:
+        """deq(quant(x)) under `config`, bit for bit as `simulate` gives it."""
+        ...
+
+
+class QuantConfig(ABC):
+    """How one matrix is quantized. Subclasses are frozen dataclasses, one per format."""
+
+    family: ClassVar[str]  # the name's prefix, e.g. "nf", "int"
+    syntax: ClassVar[str]  # the name's form, for error messages
+    presets: ClassVar[dict[str, QuantConfig]]
+    grids: ClassVar[dict[str, list[QuantConfig]]]  # named candidate sets for the ILP
+    bits: int  # code bits per value
+
+    @classmethod
+    @abstractmethod
+    def parse(cls, text: str) -> QuantConfig | None:
+        """The config named `text` (lower case, no preset), or None if not this format's form."""
 
     @property
-    def double_quant(self) -> bool:
-        return self.scale_bits is not None
-
-    @property
+    @abstractmethod
     def name(self) -> str:
-        head = f"nf{self.bits}-b{self.block_size}"
-        if self.double_quant:
-            head += f"-s{self.scale_bits}x{self.scale_block_size}"
-        return f"{head}-{self.scale_dtype}"
+        """The full name, which `parse` reads back."""
 
     def __str__(self) -> str:
         return self.name
 
     @property
+    @abstractmethod
     def bits_per_param(self) -> float:
-        return bits_per_param(self)
+        """Asymptotic storage in bits per parameter (see `storage_bits` for exact)."""
+
+    @abstractmethod
+    def part_specs(self, shape: Shape) -> dict[str, tuple[torch.dtype, int]]:
+        """(dtype, number of values) of every stored part of a matrix of `shape`."""
+
+    @abstractmethod
+    def storage_bits(self, shape: Shape) -> int:
+        """Exact bits stored for a matrix of `shape`, padding included."""
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, chunk: int, name: str) -> QuantizedTensor: ...
+
+    @abstractmethod
+    def dequantize(self, qt: QuantizedTensor, dtype: torch.dtype, chunk: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def simulate(self, weight: torch.Tensor) -> torch.Tensor:
+        """dequantize(quantize(weight)) in fp32, bit for bit, without packing."""
+
+    @abstractmethod
+    def column_grid(self, weight: torch.Tensor) -> ColumnGrid:
+        """The grid round-to-nearest would use for `weight` (d_out × d_in, fp32), every
+        scale fixed from it, for error-feedback rounding."""
+
+    @property
+    def codes_key(self) -> Hashable:
+        """Configs with equal keys pick the same codes for the same input."""
+        return self
+
+    def shared_levels(self, weight: torch.Tensor) -> SharedLevels:
+        """Everything configs of this `codes_key` share for `weight`."""
+        return _Simulated(weight, self)
+
+    @property
+    def group_order(self) -> tuple[int, ...]:
+        """Where this config's `codes_key` group comes in the cost table's work order."""
+        return (self.bits,)
+
+    @property
+    def fit_key(self) -> Hashable:
+        """Configs with equal keys (within a `codes_key` group) share one low-rank fit
+        in the cost table: that of the first of them in `fit_order`."""
+        return self
+
+    @property
+    def fit_order(self) -> int:
+        return 0
 
 
-def _check_block(what: str, size: int | None, minimum: int) -> None:
-    # Powers of two keep every block byte-aligned for every code width (3-bit codes
-    # pack 8 to 3 bytes), which both the packer and GPU kernels rely on.
-    if size is None or size < minimum or size > MAX_BLOCK or size & (size - 1):
-        raise QpeftError(f"{what} must be a power of two from {minimum} to {MAX_BLOCK}, got {size}")
+class _Simulated:
+    """`SharedLevels` of a config that shares nothing: its own simulation."""
+
+    def __init__(self, weight: torch.Tensor, config: QuantConfig) -> None:
+        self.weight, self.config = weight.float(), config
+        self.simulated = config.simulate(self.weight)
+
+    def errors(self, configs: Sequence[QuantConfig], weights: torch.Tensor | None) -> list[float]:
+        if any(c != self.config for c in configs):
+            raise ValueError(f"{self.config.name} shares its levels with no other config")
+        diff = (self.weight - self.simulated).square()
+        return [float((diff if weights is None else diff * weights.reshape(diff.shape)).double().sum())]
+
+    def values(self, config: QuantConfig, shape: torch.Size) -> torch.Tensor:
+        return self.simulated.reshape(shape)
 
 
-PRESETS: dict[str, QuantConfig] = {
-    f"nf{b}": QuantConfig(bits=b, block_size=64, scale_bits=8, scale_block_size=256, scale_dtype="fp32")
-    for b in (2, 3, 4, 8)
-}
+def quantize(
+    weight: torch.Tensor, config: QuantConfig, chunk: int = DEFAULT_CHUNK, name: str = "tensor"
+) -> QuantizedTensor:
+    """Quantize `weight` (any float dtype, CPU or CUDA) under `config`; `name` is what
+    error messages call it."""
+    return config.quantize(weight, chunk, name)
 
 
-def parse_config(text: str) -> QuantConfig:
-    """Parse a preset name or the string form (inverse of `QuantConfig.name`)."""
-    key = text.strip().lower()
-    if key in PRESETS:
-        return PRESETS[key]
-    match = _PATTERN.match(key)
-    if not match:
-        raise QpeftError(
-            f"unknown quantization config {text!r}: use a preset ({', '.join(PRESETS)}) "
-            "or the form nf<b>-b<B0>[-s<b0>x<B1>]-<fp16|bf16|fp32>, e.g. nf4-b64-s8x256-fp32"
-        )
-    groups = match.groupdict()
-    return QuantConfig(
-        bits=int(groups["b"]),
-        block_size=int(groups["B0"]),
-        scale_bits=int(groups["b0"]) if groups["b0"] else None,
-        scale_block_size=int(groups["B1"]) if groups["B1"] else None,
-        scale_dtype=groups["dtype"],
-    )
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Dequantize to a tensor of `qt.shape` in `dtype` (computed in fp32, then cast),
+    in torch ops (`qpeft.kernels.dequantize` adds the compiled fast paths)."""
+    return qt.config.dequantize(qt, dtype, chunk)
+
+
+def simulate(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """dequantize(quantize(weight, config)) in fp32, bit for bit, without packing."""
+    return config.simulate(weight)
+
+
+def storage_bits(config: QuantConfig, shape: Shape | torch.Size) -> int:
+    """Exact bits stored for a matrix of `shape` under `config`."""
+    return config.storage_bits(tuple(shape))
 
 
 def bits_per_param(config: QuantConfig) -> float:
-    """Asymptotic storage in bits per parameter: b + b0/B0 + b1/(B0·B1)
-    (double quantization) or b + bits(scale dtype)/B0 (plain scales).
-
-    Exact for matrices whose size divides B0·B1; `storage_bits` gives the exact cost
-    of a given size, padding and the per-matrix scale offset included."""
-    scale_dtype_bits = SCALE_DTYPE_BITS[config.scale_dtype]
-    if not config.double_quant:
-        return config.bits + scale_dtype_bits / config.block_size
-    return (
-        config.bits
-        + config.scale_bits / config.block_size
-        + scale_dtype_bits / (config.block_size * config.scale_block_size)
-    )
-
-
-@dataclass(frozen=True)
-class StorageLayout:
-    """Element counts of every stored part of one quantized matrix."""
-
-    numel: int  # real elements
-    padded_numel: int  # codes stored (multiple of B0)
-    num_blocks: int  # first-level scales
-    padded_num_blocks: int  # quantized scales stored (whole bytes of packed scale codes)
-    num_scale_blocks: int  # second-level scales (0 without double quant)
-
-    @property
-    def padding(self) -> int:
-        return self.padded_numel - self.numel
-
-
-def storage_layout(config: QuantConfig, numel: int) -> StorageLayout:
-    if numel <= 0:
-        raise QpeftError(f"cannot quantize an empty tensor (numel={numel})")
-    num_blocks = math.ceil(numel / config.block_size)
-    if config.double_quant:
-        num_scale_blocks = math.ceil(num_blocks / config.scale_block_size)
-        # only whole packing groups are needed (8 codes for 3-bit scales), not whole B1 blocks
-        group, _ = group_shape(config.scale_bits)
-        padded_num_blocks = math.ceil(num_blocks / group) * group
-    else:
-        num_scale_blocks = 0
-        padded_num_blocks = num_blocks
-    return StorageLayout(numel, num_blocks * config.block_size, num_blocks, padded_num_blocks, num_scale_blocks)
-
-
-OFFSET_BITS = 32  # one fp32 scale offset per double-quantized matrix
-
-
-def storage_bits(config: QuantConfig, numel: int) -> int:
-    """Exact bits stored for a matrix of `numel` elements: packed codes (padding
-    included), quantized or plain scales, second-level scales and the scale offset."""
-    layout = storage_layout(config, numel)
-    scale_dtype_bits = SCALE_DTYPE_BITS[config.scale_dtype]
-    bits = layout.padded_numel * config.bits
-    if config.double_quant:
-        bits += layout.padded_num_blocks * config.scale_bits
-        bits += layout.num_scale_blocks * scale_dtype_bits + OFFSET_BITS
-    else:
-        bits += layout.num_blocks * scale_dtype_bits
-    return bits
+    return config.bits_per_param

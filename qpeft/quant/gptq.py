@@ -1,4 +1,4 @@
-"""Error-feedback rounding onto the blockwise NF grid (GPTQ, Frantar et al. 2023, Alg. 1).
+"""Error-feedback rounding onto a format's grid (GPTQ, Frantar et al. 2023, Alg. 1).
 
 Round-to-nearest picks each code alone. GPTQ rounds the columns (input channels) one
 at a time and moves each column's rounding error onto the columns not yet rounded,
@@ -11,10 +11,11 @@ with U the upper Cholesky factor of H⁻¹ (H damped by `damping` × its mean di
 Rows are independent, so any row weighting (e.g. a Fisher row mean) leaves the
 solution unchanged.
 
-The grid is the one `quantize` would use for the same matrix: the block absmaxes of
-the input give the scales (double-quantized as usual) before any rounding, and every
-code is chosen against the scale the dequantizer will multiply by. Values pushed
-beyond a block's scale by the feedback are clipped to its outermost level. With
+The grid is the one `quantize` would use for the same matrix (the format's
+`column_grid`): the input's blocks or groups give the scales (and zero points) before
+any rounding, as AutoGPTQ's `static_groups`, and every code is chosen against the
+values the dequantizer will produce. Values pushed beyond a group's range by the
+feedback are clipped to its outermost level. With
 `act_order` the columns are rounded in order of decreasing H_jj (GPTQ's "act-order"),
 which is free here because the scales are fixed in advance. The result is an
 ordinary `QuantizedTensor`: the storage format does not change.
@@ -25,9 +26,8 @@ from __future__ import annotations
 import torch
 
 from qpeft.errors import QpeftError
-from qpeft.quant.blockwise import QuantizedTensor, finite_absmax_blocks, pack_quantized, simulated_scales
-from qpeft.quant.codebooks import nf_codebook
 from qpeft.quant.config import QuantConfig
+from qpeft.quant.tensor import QuantizedTensor
 
 GPTQ_DAMPING = 0.01  # × mean diag(H), GPTQ's default
 BLOCK_COLUMNS = 128  # columns whose feedback is applied lazily as one matmul (GPTQ §4, step 2)
@@ -71,29 +71,24 @@ class GPTQSolver:
             )
         rows, cols = weight.shape
         w = weight.detach().float()
-        _, absmax = finite_absmax_blocks(w, config.block_size)  # the scales round-to-nearest would use
-        scales = simulated_scales(absmax, config).repeat_interleave(config.block_size)[: rows * cols].view(rows, cols)
-        inverse_scales = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+        grid = config.column_grid(w)  # the scales round-to-nearest would use, fixed before any rounding
         order, factor = self.order.to(w.device), self.factor.to(w.device)
-        # columns as contiguous rows of the transposed copies (the caller's weight is not written to)
-        w_t, scales_t, inverse_t = (m.T[order].contiguous() for m in (w, scales, inverse_scales))
-        codebook = nf_codebook(config.bits, w.device)
-        # bucketize on the midpoints: nearest_level's codes (ties go down) in one op per column
-        midpoints = (codebook[:-1] + codebook[1:]) / 2
+        # columns as contiguous rows of a transposed copy (the caller's weight is not written to)
+        w_t = w.T[order].contiguous()
         codes_t = torch.empty(cols, rows, dtype=torch.int32, device=w.device)
+        source = self.order.tolist()  # the input column each rounded row came from
         for start in range(0, cols, block_columns):
             end = min(start + block_columns, cols)
             errors = w_t.new_empty(end - start, rows)
             for j in range(start, end):
                 column = w_t[j]
-                code = torch.bucketize(torch.clamp(column * inverse_t[j], -1, 1), midpoints, out_int32=True)
-                codes_t[j] = code
+                codes_t[j], values = grid.round(column, source[j])
                 error = errors[j - start]
-                torch.sub(column, codebook[code] * scales_t[j], out=error)
+                torch.sub(column, values, out=error)
                 error.div_(factor[j, j])
                 w_t[j + 1 : end].addr_(factor[j, j + 1 : end], error, alpha=-1)
             w_t[end:].addmm_(factor[start:end, end:].T, errors, alpha=-1)
-        return pack_quantized(codes_t[torch.argsort(order)].T, absmax, config, (rows, cols))
+        return grid.pack(codes_t[torch.argsort(order)].T)
 
 
 def gptq_quantize(
