@@ -51,7 +51,7 @@ def _checkpoint_size(path: Path) -> str:
     return f"{sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file()) / 2**20:.1f} MiB"
 
 
-def _add_calib_args(parser: argparse.ArgumentParser, with_source: bool = True) -> None:
+def _add_calib_args(parser: argparse.ArgumentParser, with_source: bool = True, with_elementwise: bool = True) -> None:
     from calib.batches import DEFAULT_SEQLEN, DEFAULT_SEQUENCES
 
     if with_source:
@@ -71,12 +71,13 @@ def _add_calib_args(parser: argparse.ArgumentParser, with_source: bool = True) -
     parser.add_argument(
         "--calib-dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="model dtype for calibration"
     )
-    parser.add_argument(
-        "--fisher-elementwise",
-        action="store_true",
-        help="keep the full Fisher diagonal (4 bytes per weight) and price the LQ-LoRA cost table with it "
-        "instead of its row/column reduction",
-    )
+    if with_elementwise:
+        parser.add_argument(
+            "--fisher-elementwise",
+            action="store_true",
+            help="keep the full Fisher diagonal (4 bytes per weight) and price the LQ-LoRA cost table with it "
+            "instead of its row/column reduction",
+        )
 
 
 def _targets(text: str | None) -> tuple[str, ...]:
@@ -86,6 +87,8 @@ def _targets(text: str | None) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qpeft.methods import DEFAULT_METHOD, METHODS
+
     parser = argparse.ArgumentParser(prog="qpeft", description="Quantization-aware PEFT: QLoRA, LQ-LoRA, QWHA.")
     parser.add_argument("--version", action="version", version=f"qpeft {__version__}")
     common = argparse.ArgumentParser(add_help=False)
@@ -120,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         "`qpeft eval` loads.",
     )
     _add_model_arg(dec)
-    dec.add_argument("--method", choices=["lqlora", "qwha"], default="lqlora", help="decomposition (default: lqlora)")
+    dec.add_argument(
+        "--method", default=DEFAULT_METHOD, help=f"decomposition: {', '.join(METHODS)} (default: {DEFAULT_METHOD})"
+    )
     target = dec.add_mutually_exclusive_group(required=True)
     target.add_argument("--budget", help="average bits per parameter of Q, e.g. 2.75bits or 2.75")
     target.add_argument("--config", help="one config for every matrix (a preset such as nf3, or a full name)")
@@ -132,18 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = no adapter (ILP-only mixed precision) (default: 64)",
     )
     dec.add_argument(
-        "--alpha", type=float, default=1.0, help="QWHA: positions per row ∝ (transformed error norm)^alpha (default: 1)"
-    )
-    fisher = dec.add_mutually_exclusive_group()
-    fisher.add_argument(
         "--calib",
         default="wikitext2",
-        help="calibration text (LQ-LoRA's Fisher, QWHA's activations): wikitext2 (its validation split, "
+        help="calibration text (LQ-LoRA's Fisher, the layer inputs' XᵀX): wikitext2 (its validation split, "
         "the default) or a UTF-8 text file",
     )
-    fisher.add_argument("--fisher", type=Path, default=None, help="LQ-LoRA: use this Fisher file (qpeft calibrate)")
-    fisher.add_argument("--no-fisher", action="store_true", help="LQ-LoRA: unweighted decomposition and costs")
-    _add_calib_args(dec, with_source=False)
+    _add_calib_args(dec, with_source=False, with_elementwise=False)
+    for plugin in METHODS.values():
+        plugin.add_flags(dec.add_argument_group(f"{plugin.title} (--method {plugin.name})"))
     dec.add_argument(
         "--configs",
         default=None,
@@ -156,25 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--device", default="cpu", help="device for the decomposition work (cpu, cuda)")
     dec.add_argument("--seed", type=int, default=0, help="seed of the randomized SVDs (default: 0)")
     dec.add_argument(
-        "--refine-iters",
-        type=int,
-        default=5,
-        help="alternation steps given to each refined config of the cost table (default: 5; 0 = none)",
-    )
-    dec.add_argument(
         "--refine",
         choices=["hull", "front"],
         default="hull",
         help="configs of each matrix whose costs are refined (LQ-LoRA) or initialised exactly (QWHA): the lower "
         "convex hull of its (bits, cost) front, where the allocation chooses (default), or the whole front",
-    )
-    dec.add_argument(
-        "--rounding",
-        choices=["gptq", "nearest"],
-        default=None,
-        help="LQ-LoRA: how the codes of Q are chosen once its config is: gptq (error feedback along the "
-        "calibration inputs' XᵀX, the default; the storage format is the same) or nearest (round to nearest, "
-        "the paper's)",
     )
     dec.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.work")
     dec.add_argument("--costs", type=Path, default=None, help="reuse the cost table of an earlier checkpoint")
@@ -246,7 +233,7 @@ def _calibration(args: argparse.Namespace):
         args.calib_seed,
         args.calib_batch_size,
         args.calib_dtype,
-        args.fisher_elementwise,
+        bool(getattr(args, "fisher_elementwise", False)),
     )
 
 
@@ -294,10 +281,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_decompose(args: argparse.Namespace) -> None:
+    from qpeft.methods import foreign_flags, method_plugin
     from qpeft.pipeline.decompose import format_type_table
     from qpeft.pipeline.stages import DecomposeRequest, run_decompose
 
-    request = _request(DecomposeRequest, args, calib=_calibration(args))
+    plugin = method_plugin(args.method)
+    foreign_flags(plugin, vars(args))
+    options = plugin.make_options({key: getattr(args, key) for key in plugin.flags})
+    request = _request(DecomposeRequest, args, calib=_calibration(args), options=options)
     manifest = run_decompose(request)
     if manifest is None:  # a non-zero rank of a distributed run
         return

@@ -221,7 +221,7 @@ ROWS: list[BadInput] = [
     _row(
         "QWHA with a Fisher",
         "decompose {tiny} --method qwha --config nf3 --no-fisher --out {tmp}/o",
-        "--fisher, --no-fisher and --fisher-elementwise are LQ-LoRA options: QWHA is initialised from activations",
+        "--no-fisher is for --method lqlora only, not qwha",
     ),
     _row(
         "missing --costs",

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from qpeft.allocation.costs import element_weights, group_configs, matrix_costs, scale_format_errors
+from qpeft.allocation.costs import element_weights, group_configs, scale_format_errors
 from qpeft.allocation.ilp import hull_configs, ilp_allocate, pareto_configs
 from qpeft.decompose.lqlora import alternate
 from qpeft.errors import QpeftError
+from qpeft.methods.lqlora import matrix_costs
 from qpeft.quant import dequantize, parse_config, parse_grid, quantize, simulate
 
 

@@ -139,7 +139,7 @@ def test_gptq_rounding_lowers_the_output_error(tiny_model_dir, tmp_path, capsys,
     assert sum(errors["gptq"].values()) < 0.8 * sum(errors["nearest"].values())
     code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "q", "--method", "qwha", "--config", "nf3", "--rank",
                              2, "--rounding", "gptq")  # fmt: skip
-    assert_one_line_error(code, err, "--rounding is an LQ-LoRA option")
+    assert_one_line_error(code, err, "--rounding is for --method lqlora only, not qwha")
 
 
 def test_grams_that_cannot_fit_in_memory_stop_before_the_slow_stages(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -338,7 +338,7 @@ def test_elementwise_fisher_prices_the_table(tiny_model_dir, tmp_path, capsys, m
     code, _, err = decompose(
         capsys, tiny_model_dir, tmp_path / "a", "--method", "qwha", "--config", "nf3", "--fisher-elementwise"
     )
-    assert_one_line_error(code, err, "are LQ-LoRA options: QWHA is initialised from activations")
+    assert_one_line_error(code, err, "--fisher-elementwise is for --method lqlora only, not qwha")
     plain = tmp_path / "plain.safetensors"
     code, _, err = run(capsys, "calibrate", tiny_model_dir, "--out", plain, *calib)
     assert code == 0, err

@@ -151,7 +151,7 @@ def test_signal_during_calibration(decompose_world, tmp_path, signal_name, recor
 def test_signal_during_the_cost_table(decompose_world, tmp_path, signal_name, record_property):
     out = tmp_path / "o"
     args = decompose_world["args"]
-    result = faulty(tmp_path, "qpeft.pipeline.methods:LQLoRA.costs:4", signal_name, *args, "--out", out)
+    result = faulty(tmp_path, "qpeft.methods.lqlora:LQLoRA.costs:4", signal_name, *args, "--out", out)
     rows = (Path(f"{out}.work") / "costs-0.jsonl").read_text().splitlines()
     existed = out.exists()
     resumed = faulty(tmp_path, None, None, *args, "--out", out, "--resume")
@@ -176,7 +176,7 @@ def test_a_torn_cost_table_line_resumes(decompose_world, tmp_path, record_proper
     """Issue 17, defect 4: the next row must not be appended onto the torn fragment."""
     out = tmp_path / "o"
     args = decompose_world["args"]
-    faulty(tmp_path, "qpeft.pipeline.methods:LQLoRA.costs:4", "KILL", *args, "--out", out)
+    faulty(tmp_path, "qpeft.methods.lqlora:LQLoRA.costs:4", "KILL", *args, "--out", out)
     shard = Path(f"{out}.work") / "costs-0.jsonl"
     with shard.open("a") as handle:
         handle.write('{"name": "x", "shape": [5')

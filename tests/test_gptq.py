@@ -102,7 +102,7 @@ def test_gptq_errors():
 
 
 def test_lqlora_rounding_settings_are_checked():
-    from qpeft.pipeline.methods import LQLoRA
+    from qpeft.methods.lqlora import LQLoRA
 
     with pytest.raises(QpeftError, match="gptq rounding needs the calibration activations"):
         LQLoRA(8, rounding="gptq")

@@ -11,8 +11,8 @@ import re
 import pytest
 import torch
 
-from qpeft.allocation.costs import matrix_costs
 from qpeft.errors import QpeftError
+from qpeft.methods.lqlora import matrix_costs
 from qpeft.models.loading import load_checkpoint
 from qpeft.quant import QuantizedTensor, dequantize, parse_config, parse_grid, quantize, simulate, storage_bits
 from qpeft.quant.formats.integer import IntConfig

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from qpeft.allocation.costs import qwha_matrix_costs
 from qpeft.allocation.ilp import REFINED_SETS
 from qpeft.calibration.activations import damping_shift, input_grams
 from qpeft.calibration.stream import LayerwiseLM
 from qpeft.decompose.qwha import QWHASolver, ada_alloc, parameter_count, qwha_init, select_positions
+from qpeft.methods.qwha import qwha_matrix_costs
 from qpeft.quant import PRESETS, parse_grid, simulate
 from qpeft.transforms.hadamard import WalshHadamard
 
@@ -259,7 +259,7 @@ def test_qwha_decompose_cli_writes_a_checkpoint_that_cancels_output_error(
     assert_one_line_error(
         code,
         err,
-        "--fisher, --no-fisher and --fisher-elementwise are LQ-LoRA options: QWHA is initialised from activations",
+        "--no-fisher is for --method lqlora only, not qwha",
     )
 
 

@@ -32,7 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 # name per line, answers with the seconds its cost table took and the costs.
 WORKER = """
 import json, sys, time, torch
-from qpeft.allocation.costs import matrix_costs
+try:
+    from qpeft.methods.lqlora import matrix_costs
+except ImportError:  # a revision from before the methods registry
+    from qpeft.allocation.costs import matrix_costs
 from qpeft.quant import parse_grid
 from qpeft.models.resolve import resolve_model
 from qpeft.models.selection import DEFAULT_TARGETS

@@ -34,8 +34,8 @@ import time
 import torch
 from measure import sync
 
-from qpeft.allocation.costs import matrix_costs
 from qpeft.decompose.lqlora import lq_decompose
+from qpeft.methods.lqlora import matrix_costs
 from qpeft.quant import parse_grid
 
 # (name, shape, matrices of that shape in the model)
@@ -116,11 +116,12 @@ def refine_sets(method_name: str, rank: int, grid: list, layer_stride: int, budg
     import numpy as np
 
     from qpeft.allocation.ilp import ilp_allocate
+    from qpeft.methods.lqlora import LQLoRA
+    from qpeft.methods.qwha import QWHA
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import DEFAULT_TARGETS
     from qpeft.models.weights import SafetensorsWeights
     from qpeft.pipeline.calibrate import calibrate, calibrate_activations
-    from qpeft.pipeline.methods import QWHA, LQLoRA
 
     model_dir = resolve_model(None)
     if method_name == "qwha":

@@ -1,5 +1,5 @@
 """Decomposition of a model under a bit budget: W ≈ Q + ΔW per selected matrix, by
-LQ-LoRA (Guo et al. 2024) or QWHA (`qpeft.pipeline.methods`).
+LQ-LoRA (Guo et al. 2024) or QWHA (`qpeft.methods`).
 
 Stages, each streaming the selected matrices one at a time from safetensors:
 
@@ -41,14 +41,14 @@ from qpeft.distributed import ObjectSender, barrier, broadcast_object, rank_and_
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory, atomic_file
 from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, dtype_name, stream_model, write_manifest
+from qpeft.methods import Method
 from qpeft.models.loading import stored_linear
 from qpeft.models.resolve import copy_model_files
 from qpeft.models.weights import SafetensorsWeights
-from qpeft.pipeline.methods import Method
 from qpeft.quant import PRESETS, QuantConfig, dequantize, storage_bits
 
-# method attributes that hold calibration statistics: manifest key → heat-map label
-CALIBRATIONS = {"fisher": "Fisher", "grams": "activations"}
+# calibration results by manifest key (`Method.calibrations`) → heat-map label
+CALIBRATION_LABELS = {"fisher": "Fisher", "grams": "activations"}
 COST_TABLE_NAME = "cost_table.json"
 HEATMAP_NAME = "bits_heatmap.png"
 
@@ -508,7 +508,8 @@ def decompose_model(
             "ilp_average_bits": allocation.average_bits,
             "ilp_variables": allocation.kept_variables,
         }
-        calib = next((label for key, label in CALIBRATIONS.items() if calibration.get(key)), "no calibration")
+        held = {key: value for key, value in method.calibrations().items() if value is not None}
+        calib = next((CALIBRATION_LABELS.get(key, key) for key in held), "no calibration")
         target = grid[0].name if budget is None else f"budget {budget:g}"
         title = f"{source or model_dir}: {method.name}, {target}, rank {calibration['rank']}, {calib}"
         bits_heatmap(matrices, tmp / HEATMAP_NAME, title)
@@ -519,7 +520,7 @@ def decompose_model(
             "unquantized_dtype": dtype_name(unquantized_dtype),
             "settings": settings.as_dict()
             | {"budget": budget, "grid_size": len(grid), "split": {k: calibration[k] for k in method.split_only}},
-            **{key: getattr(getattr(method, key, None), "metadata", None) for key in CALIBRATIONS},
+            **{key: getattr(value, "metadata", None) for key, value in method.calibrations().items()},
             "quantized": matrices,
             "summary": summary,
             "by_type": type_table(matrices),

@@ -10,6 +10,7 @@ field at fault.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,9 @@ class CalibrationOptions:
 
     def sampling(self) -> tuple[str, int, int, int, int]:
         return self.source, self.sequences, self.seqlen, self.seed, self.batch_size
+
+    def with_elementwise(self, elementwise: bool) -> CalibrationOptions:
+        return dataclasses.replace(self, fisher_elementwise=elementwise)
 
 
 def fisher(
@@ -127,8 +131,9 @@ def run_quantize(request: QuantizeRequest) -> dict[str, Any]:
 
 @dataclass
 class DecomposeRequest:
-    """`qpeft decompose`: W ≈ Q + ΔW per selected matrix (LQ-LoRA or QWHA), under a
-    bit budget (the ILP over `configs`) or one `config`."""
+    """`qpeft decompose`: W ≈ Q + ΔW per selected matrix by a registered method
+    (`qpeft.methods`), under a bit budget (the ILP over `configs`) or one `config`.
+    `options` are the method's own (its `options` dataclass; None: its defaults)."""
 
     model: str | None
     out: Path
@@ -136,25 +141,30 @@ class DecomposeRequest:
     budget: str | float | None = None
     config: str | None = None
     rank: int = 64
-    alpha: float = 1.0  # QWHA
-    fisher: Path | None = None  # LQ-LoRA: a Fisher file instead of calibrating
-    no_fisher: bool = False
+    options: Any = None
     calib: CalibrationOptions = field(default_factory=CalibrationOptions)
     configs: str | None = None  # the ILP's grid (default lqlora)
     targets: str | None = None
     device: str = "cpu"
     seed: int = 0
-    refine_iters: int = 5
     refine: str = "hull"
-    rounding: str | None = None  # LQ-LoRA: gptq (default) or nearest
     resume: bool = False
     costs: Path | None = None
     unquantized_dtype: str = "source"
 
+    def __post_init__(self) -> None:
+        from qpeft.methods import method_plugin
+
+        self.plugin = method_plugin(self.method)
+        if self.options is None:
+            self.options = self.plugin.options()
+        if not isinstance(self.options, self.plugin.options):
+            raise QpeftError(f"--method {self.method} takes {self.plugin.options.__name__}, got {self.options!r}")
+
     def command(self) -> list[str]:
         """The `qpeft` command line that makes this request (the options a recipe sets)."""
         how = ["--budget", str(self.budget)] if self.budget is not None else ["--config", str(self.config)]
-        extra = ["--method", "qwha"] if self.method == "qwha" else (["--no-fisher"] if self.no_fisher else [])
+        extra = ["--method", self.method, *self.plugin.command_flags(self.options)]
         targets = ["--targets", self.targets] if self.targets else []
         model = self.model or "smollm2"
         return ["decompose", model, *how, "--rank", str(self.rank), "--out", str(self.out), *extra, *targets]
@@ -164,18 +174,7 @@ def _check_decompose(request: DecomposeRequest) -> None:
     r = request
     if r.rank < 0:
         raise QpeftError(f"--rank must be 0 or more, got {r.rank}")
-    if r.refine_iters < 0:
-        raise QpeftError(f"--refine-iters must be 0 or more, got {r.refine_iters}")
-    if r.method == "qwha" and (r.fisher is not None or r.no_fisher or r.calib.fisher_elementwise):
-        raise QpeftError(
-            "--fisher, --no-fisher and --fisher-elementwise are LQ-LoRA options: QWHA is initialised from activations"
-        )
-    if r.method == "qwha" and r.rounding is not None:
-        raise QpeftError("--rounding is an LQ-LoRA option: QWHA's adapter is initialised against round-to-nearest Q")
-    if r.no_fisher and r.calib.fisher_elementwise:
-        raise QpeftError("--fisher-elementwise needs a Fisher: drop --no-fisher")
-    if r.alpha < 0:
-        raise QpeftError(f"--alpha must be 0 or more, got {r.alpha}")
+    r.plugin.check(r)
     if r.config and r.configs:
         raise QpeftError(
             "--configs lists the ILP's candidates for --budget; --config puts every matrix under one config: "
@@ -192,11 +191,10 @@ def run_decompose(request: DecomposeRequest) -> dict[str, Any] | None:
     from qpeft.distributed import init_distributed, rank_and_world
     from qpeft.io.atomic import check_output, remove_partials
     from qpeft.io.checkpoint import UNQUANTIZED_DTYPES
+    from qpeft.methods import check_rank
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import parse_targets
-    from qpeft.pipeline.calibrate import calibrate_activations, fisher_for
     from qpeft.pipeline.decompose import decompose_model, plan_matrices
-    from qpeft.pipeline.methods import QWHA, LQLoRA, check_rank
     from qpeft.quant import parse_config, parse_grid
 
     r = request
@@ -209,41 +207,20 @@ def run_decompose(request: DecomposeRequest) -> dict[str, Any] | None:
     check_output(r.out)
     if r.costs is not None and not r.costs.exists():
         raise QpeftError(f"--costs: {r.costs} does not exist")
-    rounding = r.rounding or "gptq"
-    if r.method == "qwha" or rounding == "gptq" or (not r.no_fisher and r.fisher is None):
+    needs = r.plugin.needs(r)
+    if needs.calibration_text:
         calibration_text(r.calib.source)
     device = init_distributed(r.device)
     model_dir = resolve_model(r.model)
     names, _, shapes = plan_matrices(model_dir, targets, grid, budget)  # fail before the slow stages
-    check_rank(r.method, r.rank, shapes, "--rank")
+    check_rank(r.plugin, r.rank, shapes, "--rank")
     if r.resume and rank_and_world()[0] == 0:
         remove_partials(r.out)  # what a killed write left
-    if r.method == "qwha" or rounding == "gptq":
+    if needs.activations:
         in_features = {n: shapes[n][1] for n in names}
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if r.method == "qwha":
-            check_gram_memory(in_features, processes, "QWHA's initialisation", "select fewer layers (--targets)")
-        else:
-            check_gram_memory(
-                in_features, processes, "gptq rounding", "use --rounding nearest (the paper's rounding, no XᵀX)"
-            )
-    sampling = r.calib.sampling()
-    if r.method == "qwha":
-        grams = calibrate_activations(model_dir, targets, *sampling, device, r.calib.dtype)[0]
-        method = QWHA(r.rank, grams, r.alpha, r.refine)
-    else:
-        statistics = None
-        if r.fisher is not None:
-            statistics = fisher_for(r.fisher, names, r.calib.fisher_elementwise)
-        elif not r.no_fisher:
-            # gptq rounding also needs the inputs' XᵀX: collected in the Fisher's pass
-            statistics = fisher(model_dir, targets, r.calib, device, activations=rounding == "gptq")[0]
-        grams = None
-        if rounding == "gptq":
-            grams = calibrate_activations(model_dir, targets, *sampling, device, r.calib.dtype)[0]
-        method = LQLoRA(
-            r.rank, statistics, r.seed, refine_iters=r.refine_iters, refine=r.refine, rounding=rounding, grams=grams
-        )
+        check_gram_memory(in_features, processes, needs.activations, needs.activations_hint)
+    method = r.plugin.build(r, model_dir, targets, names, device)
     return decompose_model(
         model_dir,
         r.out,

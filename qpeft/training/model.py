@@ -25,22 +25,32 @@ from qpeft.training.recipe import MethodSection, Recipe
 BASE_DIR = "base"
 
 
+class _FreshLoRA:
+    """The rank limit of QLoRA's fresh L1·L2 (`check_rank` reads these two)."""
+
+    @staticmethod
+    def max_rank(shape: tuple[int, int]) -> int:
+        return min(shape)
+
+    @staticmethod
+    def rank_reason(rank: int, shape: tuple[int, int], limit: int) -> str:
+        return f"a low-rank L1·L2 has rank at most {limit}"
+
+
+FRESH_LORA = _FreshLoRA()
+
+
 def base_request(recipe: Recipe, out: Path, resume: bool = False) -> QuantizeRequest | DecomposeRequest:
     """The request of the stage that makes the recipe's base checkpoint at `out`
     (`resume`: continue an interrupted cost table)."""
+    from qpeft.methods import method_plugin
+
     m = recipe.method
     if m.name == "qlora":
         return QuantizeRequest(recipe.model, out, m.config or "nf4", m.targets)
+    options = method_plugin(m.name, "recipe key method.name").recipe_options(m)
     return DecomposeRequest(
-        recipe.model,
-        out,
-        method="qwha" if m.name == "qwha" else "lqlora",
-        budget=m.budget,
-        config=m.config,
-        rank=m.rank,
-        no_fisher=m.name == "lqlora" and not m.fisher,
-        targets=m.targets,
-        resume=resume,
+        recipe.model, out, m.name, m.budget, m.config, m.rank, options, targets=m.targets, resume=resume
     )
 
 
@@ -58,11 +68,11 @@ def check_method_inputs(recipe: Recipe) -> Path:
     """Check what the base will be made from before anything is made: the model, the
     targets, and the rank against every selected matrix. Returns the directory whose
     tokenizer the run uses (the model's, which the base copies; or the checkpoint)."""
+    from qpeft.methods import METHODS, check_rank
     from qpeft.models.loading import stored_linear
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import parse_targets
     from qpeft.models.weights import SafetensorsWeights
-    from qpeft.pipeline.methods import check_rank
 
     m = recipe.method
     if m.name == "checkpoint":
@@ -70,7 +80,7 @@ def check_method_inputs(recipe: Recipe) -> Path:
     model_dir = resolve_model(recipe.model)
     targets = parse_targets(m.targets, "recipe key method.targets")
     shapes = stored_linear(model_dir, SafetensorsWeights(model_dir), targets)
-    check_rank(m.name, m.rank, shapes, "recipe key method.rank")
+    check_rank(METHODS.get(m.name, FRESH_LORA), m.rank, shapes, "recipe key method.rank")
     return model_dir
 
 

@@ -28,9 +28,11 @@ from typing import Any
 import yaml
 
 from qpeft.errors import QpeftError
+from qpeft.methods import METHODS as REGISTERED
 from qpeft.models.selection import parse_targets
 
-METHODS = ("qlora", "lqlora", "qwha", "checkpoint")
+DECOMPOSITIONS = tuple(REGISTERED)  # a base made by `qpeft decompose --method NAME`
+METHODS = ("qlora", *DECOMPOSITIONS, "checkpoint")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -46,7 +48,7 @@ class MethodSection:
     budget: float | None = None  # lqlora / qwha: average bits per parameter of Q (the ILP)
     rank: int = 64  # LoRA rank, or the equal parameter budget of QWHA
     alpha: float | None = None  # qlora: LoRA scaling alpha / rank (default: 2·rank); decompositions train unscaled
-    fisher: bool = True  # lqlora: Fisher-weighted decomposition
+    fisher: bool = True  # lqlora: Fisher-weighted decomposition (read by its plugin's recipe_options)
     targets: str | None = None  # layer name patterns (default: q, k, v, o, gate, up, down projections)
 
 
@@ -141,9 +143,9 @@ def _check(recipe: Recipe) -> None:
 
     need(m.name in METHODS, f"recipe key method.name: one of {', '.join(METHODS)}, got {m.name!r}")
     need(m.name != "checkpoint" or m.checkpoint, "recipe key method.checkpoint: needed when method.name is checkpoint")
-    need(m.name in ("lqlora", "qwha") or m.budget is None, f"recipe key method.budget: not used by {m.name}")
+    need(m.name in DECOMPOSITIONS or m.budget is None, f"recipe key method.budget: not used by {m.name}")
     need(
-        m.name not in ("lqlora", "qwha") or (m.budget is None) != (m.config is None),
+        m.name not in DECOMPOSITIONS or (m.budget is None) != (m.config is None),
         f"recipe key method.budget: {m.name} needs a budget or a config (one of them)",
     )
     need(m.rank > 0 or m.name == "checkpoint", f"recipe key method.rank: must be positive, got {m.rank}")

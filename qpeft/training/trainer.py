@@ -42,7 +42,7 @@ from qpeft.training.model import (
     freeze_all_but_adapters,
     trainable_state,
 )
-from qpeft.training.recipe import Recipe
+from qpeft.training.recipe import DECOMPOSITIONS, Recipe
 
 STATE_DIR = "state"
 MODEL_DIR = "model"  # the trained model as a qpeft checkpoint
@@ -266,7 +266,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, overwrite
                 tmp.write_text(json.dumps(recipe.as_dict(), indent=1))
     accelerator.wait_for_everyone()
     if not is_checkpoint(base):
-        decomposition = recipe.method.name in ("lqlora", "qwha")
+        decomposition = recipe.method.name in DECOMPOSITIONS
         if main or (decomposition and accelerator.num_processes > 1):
             build_base(recipe, resume)
     accelerator.wait_for_everyone()

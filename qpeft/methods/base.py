@@ -1,0 +1,112 @@
+"""What a decomposition method is: the per-matrix interface the pipeline drives
+(`Method`: costs and split) and the plugin that registers it (`MethodPlugin`: its
+name, options, command-line flags, recipe keys, calibration and rank limit)."""
+
+from __future__ import annotations
+
+import argparse
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from qpeft.modules.adapters import LowRankAdapter, WHTAdapter
+from qpeft.quant import QuantConfig, QuantizedTensor
+
+if TYPE_CHECKING:
+    from qpeft.pipeline.stages import DecomposeRequest
+
+ADAPTER_DTYPE = torch.bfloat16  # L1/L2 and WHT values are stored (and trained) in bf16
+
+
+@dataclass
+class Split:
+    """One matrix under its config: Q, the adapter module as it will be stored (its
+    state dict goes under NAME.adapter., its spec into the manifest), and what the
+    method reports about it."""
+
+    quantized: QuantizedTensor
+    adapter: LowRankAdapter | WHTAdapter | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    """A configured decomposition: its costs and its split of one matrix. Fields named
+    in `split_only` change the split but not the costs (a cost table is reusable
+    across them); `calibrations` are the calibration results it holds."""
+
+    name: str
+    rank: int
+    split_only: ClassVar[tuple[str, ...]]
+
+    def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray: ...
+
+    def split(self, name: str, weight: torch.Tensor, config: QuantConfig) -> Split: ...
+
+    def calibrations(self) -> dict[str, Any]:
+        """Calibration results by manifest key (each with a `metadata` dict), None if unused."""
+        ...
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method's options need before the slow stages: the calibration text,
+    the layer inputs' XᵀX (and for what, for the memory check's message)."""
+
+    calibration_text: bool = False
+    activations: str | None = None  # what the XᵀX is for, e.g. "QWHA's initialisation"
+    activations_hint: str = "select fewer layers (--targets)"
+
+
+class MethodPlugin(ABC):
+    """A registered decomposition method. `options` is a dataclass whose fields are
+    its own settings; `flags` names each field's command-line flag (the flags
+    `add_flags` adds to `qpeft decompose`, all defaulting to None so that a flag
+    given to another method is seen)."""
+
+    name: ClassVar[str]  # --method / recipe method.name
+    title: ClassVar[str]  # for messages, e.g. "LQ-LoRA"
+    options: ClassVar[type]
+    flags: ClassVar[dict[str, str]]
+    recipe_keys: ClassVar[dict[str, str]] = {}  # recipe method.KEY → options field
+
+    @abstractmethod
+    def add_flags(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def make_options(self, values: dict[str, Any]) -> Any:
+        """The options from the given flags (None: not given, the default)."""
+        return self.options(**{k: v for k, v in values.items() if v is not None})
+
+    @abstractmethod
+    def check(self, request: DecomposeRequest) -> None:
+        """One-line errors for options that cannot work, before any slow step."""
+
+    @abstractmethod
+    def needs(self, request: DecomposeRequest) -> Needs: ...
+
+    @abstractmethod
+    def build(
+        self, request: DecomposeRequest, model_dir: Path, targets: tuple[str, ...], names: list[str], device: str
+    ) -> Method:
+        """Calibrate what the options need and return the configured method."""
+
+    @abstractmethod
+    def max_rank(self, shape: tuple[int, int]) -> int:
+        """The largest rank a matrix of `shape` (d_out, d_in) can take."""
+
+    @abstractmethod
+    def rank_reason(self, rank: int, shape: tuple[int, int], limit: int) -> str:
+        """Why `rank` does not fit `shape` (the end of the one-line error)."""
+
+    @abstractmethod
+    def recipe_options(self, section: Any) -> Any:
+        """The options a recipe's method section gives (`qpeft.training.recipe`)."""
+
+    def command_flags(self, options: Any) -> list[str]:
+        """The flags of `options` as `qpeft decompose` takes them, those a recipe can
+        set (the identity of a training run's base)."""
+        return []
