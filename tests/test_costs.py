@@ -168,7 +168,7 @@ def test_scale_dtype_siblings_share_one_fit_that_prices_each_validly(monkeypatch
     scale dtypes. Every cost stays that of a valid decomposition (at most the config's
     own Q with L = 0), and at 3 bits, where the scale dtype barely moves Q, the siblings
     priced on the fp16 member's fit cost what it costs."""
-    import qpeft.allocation.costs as costs_module
+    import qpeft.methods.lqlora as costs_module
 
     torch.manual_seed(5)
     w = torch.randn(64, 128) * 0.02 + 0.01 * torch.randn(64, 3) @ torch.randn(3, 128)

@@ -113,9 +113,13 @@ class Sweep:
         return summary["bits_per_param"], summary.get("bits_with_adapter", summary["bits_per_param"])
 
     def table(self) -> str:
-        peer = self.spec.get("peer")
-        peer_ppl = self.state[slug(peer)]["eval"]["ppl"] if peer else None
-        first = self.state[slug(self.rows[0]["label"])]["eval"]
+        evals = {row["label"]: (self.state.get(slug(row["label"])) or {}).get("eval") for row in self.rows}
+        done = [e for e in evals.values() if e]
+        if not done:
+            return "no row has been evaluated yet"
+        peer = self.spec.get("peer") if evals.get(self.spec.get("peer")) else None
+        peer_ppl = evals[peer]["ppl"] if peer else None
+        first = done[0]
         lines = [
             f"{self.spec.get('title', '')}",
             f"({first['windows']} windows, {first['tokens']} predicted tokens)",
@@ -124,12 +128,12 @@ class Sweep:
             "|---|---:|---:|---:|---:|" if peer else "|---|---:|---:|---:|",
         ]
         for row in self.rows:
-            ppl = self.state[slug(row["label"])]["eval"]["ppl"]
+            result = evals[row["label"]]
             q, total = self.bits(row)
             cells = [row["label"], "—" if q is None else f"{q:.4f}", "—" if total is None else f"{total:.4f}"]
-            cells.append(f"{ppl:.4f}")
+            cells.append("not measured" if result is None else f"{result['ppl']:.4f}")
             if peer:
-                cells.append(f"{ppl / peer_ppl:.4f}")
+                cells.append("" if result is None else f"{result['ppl'] / peer_ppl:.4f}")
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -139,6 +143,7 @@ def main() -> None:
     parser.add_argument("spec", type=Path)
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--max-windows", type=int, help="override the spec's eval.max_windows")
+    parser.add_argument("--table", action="store_true", help="print the table of what WORKDIR holds; run nothing")
     args = parser.parse_args()
     spec = yaml.safe_load(args.spec.read_text())
     options = dict(spec.get("eval") or {})
@@ -148,7 +153,7 @@ def main() -> None:
     eval_flags = [flag for key, value in given.items() for flag in (f"--{key.replace('_', '-')}", str(value))]
     args.workdir.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(spec, args.workdir)
-    for row in spec["rows"]:
+    for row in [] if args.table else spec["rows"]:
         sweep.run_row(row, eval_flags)
     print(sweep.table())
 

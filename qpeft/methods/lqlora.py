@@ -330,8 +330,7 @@ class LQLoRAPlugin(MethodPlugin):
     def build(
         self, request: DecomposeRequest, model_dir: Path, targets: tuple[str, ...], names: list[str], device: str
     ) -> Method:
-        from qpeft.pipeline.calibrate import calibrate_activations, fisher_for
-        from qpeft.pipeline.stages import fisher
+        from qpeft.pipeline.calibrate import calibrate, calibrate_activations, fisher_for
 
         r, o = request, request.options
         calib = r.calib.with_elementwise(o.fisher_elementwise)
@@ -340,7 +339,8 @@ class LQLoRAPlugin(MethodPlugin):
             statistics = fisher_for(o.fisher, names, o.fisher_elementwise)
         elif not o.no_fisher:
             # gptq rounding also needs the inputs' XᵀX: collected in the Fisher's pass
-            statistics = fisher(model_dir, targets, calib, device, activations=o.rounding == "gptq")[0]
+            sampling, elementwise, gptq = calib.sampling(), o.fisher_elementwise, o.rounding == "gptq"
+            statistics = calibrate(model_dir, targets, *sampling, device, calib.dtype, None, elementwise, gptq)[0]
         grams = None
         if o.rounding == "gptq":
             grams = calibrate_activations(model_dir, targets, *calib.sampling(), device, calib.dtype)[0]
