@@ -72,7 +72,6 @@ class MethodPlugin(ABC):
     title: ClassVar[str]  # for messages, e.g. "LQ-LoRA"
     options: ClassVar[type]
     flags: ClassVar[dict[str, str]]
-    recipe_keys: ClassVar[dict[str, str]] = {}  # recipe method.KEY → options field
 
     @abstractmethod
     def add_flags(self, parser: argparse.ArgumentParser) -> None: ...

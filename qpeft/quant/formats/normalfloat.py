@@ -251,10 +251,6 @@ NFConfig.presets = {f"nf{b}": NFConfig(bits=b, block_size=64, scale_bits=8, scal
 NFConfig.grids = {"lqlora": nf_lqlora_grid(), "nf": list(NFConfig.presets.values())}
 
 
-def storage_layout(config: NFConfig, numel: int) -> StorageLayout:
-    return config.layout(numel)
-
-
 def _chunks(num_blocks: int, block_size: int, chunk: int) -> Iterator[tuple[int, int]]:
     step = max(1, chunk // block_size)
     for start in range(0, num_blocks, step):
