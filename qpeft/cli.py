@@ -52,7 +52,7 @@ def _checkpoint_size(path: Path) -> str:
 
 
 def _add_calib_args(parser: argparse.ArgumentParser, with_source: bool = True, with_elementwise: bool = True) -> None:
-    from calib.batches import DEFAULT_SEQLEN, DEFAULT_SEQUENCES
+    from qpeft.data.calibration import DEFAULT_SEQLEN, DEFAULT_SEQUENCES
 
     if with_source:
         parser.add_argument(
@@ -78,12 +78,6 @@ def _add_calib_args(parser: argparse.ArgumentParser, with_source: bool = True, w
             help="keep the full Fisher diagonal (4 bytes per weight) and price the LQ-LoRA cost table with it "
             "instead of its row/column reduction",
         )
-
-
-def _targets(text: str | None) -> tuple[str, ...]:
-    from qpeft.models.selection import parse_targets
-
-    return parse_targets(text, "--targets")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument(
         "--rank",
         type=int,
-        default=64,
+        default=None,
         help="rank of L1·L2, or for QWHA the same trainable parameter count r·(d_in + d_out); "
-        "0 = no adapter (ILP-only mixed precision) (default: 64)",
+        "0 = no adapter (default: "
+        + ", ".join(f"{plugin.default_rank} for {plugin.name}" for plugin in METHODS.values())
+        + ")",
     )
     dec.add_argument(
         "--calib",
@@ -224,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _calibration(args: argparse.Namespace):
-    from qpeft.pipeline.stages import CalibrationOptions
+    from qpeft.stages.calibrate import CalibrationOptions
 
     return CalibrationOptions(
         args.calib,
@@ -245,7 +241,7 @@ def _request(kind: type, args: argparse.Namespace, **given):
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from qpeft.pipeline.stages import QuantizeRequest, run_quantize
+    from qpeft.stages.quantize import QuantizeRequest, run_quantize
 
     request = _request(QuantizeRequest, args)
     manifest = run_quantize(request)
@@ -259,31 +255,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from calib.batches import calibration_text
-    from qpeft.io.atomic import check_writable
-    from qpeft.models.resolve import resolve_model
-    from qpeft.pipeline.stages import check_device, fisher
+    from qpeft.stages.calibrate import CalibrateRequest, run_calibrate
 
-    calib = _calibration(args)
-    calib.check()
-    check_device(args.device)
-    targets = _targets(args.targets)
-    if args.out.suffix != ".safetensors":
-        raise QpeftError(f"--out should name a .safetensors file, got {args.out}")
-    if args.out.exists():
-        raise QpeftError(f"output file already exists: {args.out}")
-    check_writable(args.out)
-    calibration_text(args.calib)  # fail on bad data before loading the model
-    stats, cached, hit = fisher(resolve_model(args.model), targets, calib, args.device, args.out)
-    how = f"reused {cached}" if hit else f"cached as {cached}"
-    what = "row/column means and full diagonal" if stats.element else "row/column means"
-    print(f"wrote {args.out}: Fisher {what} of {len(stats.row_mean)} matrices ({how})")
+    result = run_calibrate(_request(CalibrateRequest, args, calib=_calibration(args)))
+    how = f"reused {result.cache_file}" if result.cache_hit else f"cached as {result.cache_file}"
+    what = "row/column means and full diagonal" if result.stats.element else "row/column means"
+    print(f"wrote {args.out}: Fisher {what} of {len(result.stats.row_mean)} matrices ({how})")
 
 
 def cmd_decompose(args: argparse.Namespace) -> None:
+    from qpeft.io.summary import format_type_table
     from qpeft.methods import foreign_flags, method_plugin
-    from qpeft.pipeline.decompose import format_type_table
-    from qpeft.pipeline.stages import DecomposeRequest, run_decompose
+    from qpeft.stages.decompose import DecomposeRequest, run_decompose
 
     plugin = method_plugin(args.method)
     foreign_flags(plugin, vars(args))
@@ -307,36 +290,9 @@ def cmd_decompose(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import torch
-    from transformers import AutoTokenizer
+    from qpeft.stages.evaluate import EvalRequest, run_eval
 
-    from qpeft.eval.perplexity import count_windows, load_eval_text, perplexity, tokenize
-    from qpeft.models.loading import load_model, locate
-    from qpeft.pipeline.stages import check_device, positive
-    from qpeft.quant.config import TORCH_DTYPES
-
-    positive("--seqlen", args.seqlen)
-    if args.seqlen < 2:
-        raise QpeftError(f"--seqlen must be at least 2 tokens, got {args.seqlen}")
-    positive("--max-windows", args.max_windows)
-    check_device(args.device)
-    text = load_eval_text(args.data, args.text_file)
-    path = locate(args.model)
-    context = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
-    if context is not None and args.seqlen > context:
-        raise QpeftError(
-            f"--seqlen {args.seqlen} is longer than the model's context (max_position_embeddings {context})"
-        )
-    ids = tokenize(AutoTokenizer.from_pretrained(path), text)
-    count_windows(ids.numel(), args.seqlen)  # fail before loading the model
-    model = load_model(path, TORCH_DTYPES[args.dtype], args.device)
-    result = perplexity(model, ids, args.seqlen, args.max_windows, torch.device(args.device))
-    row = {
-        "model": args.model or "smollm2",
-        "data": args.text_file or args.data,
-        "dtype": args.dtype,
-        **result.as_dict(),
-    }
+    row = run_eval(_request(EvalRequest, args))
     if args.json:
         print(json.dumps(row))
         return
@@ -348,14 +304,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from qpeft.export.formats import REPORT_NAME, export_checkpoint
-    from qpeft.io.atomic import check_output
-    from qpeft.io.checkpoint import is_checkpoint
+    from qpeft.export.formats import REPORT_NAME
+    from qpeft.stages.export import ExportRequest, run_export
 
-    if not is_checkpoint(args.checkpoint):
-        raise QpeftError(f"{args.checkpoint} is not a qpeft checkpoint (no qpeft_manifest.json)")
-    check_output(args.out)
-    report = export_checkpoint(args.checkpoint, args.to, args.out, args.rank, args.dtype)
+    report = run_export(_request(ExportRequest, args))
     for key, label in (("requantized_rel_error", "re-quantized to NF4"), ("adapter_rel_error", "adapter as LoRA")):
         errors = report.get(key) or {}
         changed = {k: v for k, v in errors.items() if v > 0}
@@ -368,7 +320,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from qpeft.io.checkpoint import is_checkpoint, read_manifest, verify_checkpoint
-    from qpeft.pipeline.decompose import format_type_table, type_table
+    from qpeft.io.summary import format_type_table, type_table
 
     if not is_checkpoint(args.checkpoint):
         raise QpeftError(f"{args.checkpoint} is not a qpeft checkpoint (no qpeft_manifest.json)")
@@ -408,13 +360,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from qpeft.training.recipe import load_recipe
-    from qpeft.training.trainer import train
+    from qpeft.stages.train import TrainRequest, run_train
 
-    if args.resume and args.overwrite:
-        raise QpeftError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")
-    recipe = load_recipe(args.recipe, args.overrides)
-    state = train(recipe, resume=args.resume, overwrite=args.overwrite)
+    recipe, state = run_train(_request(TrainRequest, args))
     if state["main"]:
         ppl = f", eval perplexity {state['eval_ppl']:.4f}" if "eval_ppl" in state else ""
         print(
@@ -437,7 +385,7 @@ COMMANDS = {
 def _resumable(args: argparse.Namespace) -> bool:
     """Whether an interrupted command left finished work that --resume continues."""
     if args.command == "decompose":
-        from qpeft.pipeline.decompose import work_dir_for
+        from qpeft.allocation.cost_table import work_dir_for
 
         return work_dir_for(args.out).is_dir()
     if args.command == "train":

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from calib import dataset_path
+from qpeft.data import dataset_path
 
 REPO = Path(__file__).resolve().parents[1]
 # one thread: subprocess runs then compute bit-identical cost tables and training steps

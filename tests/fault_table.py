@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from calib import dataset_path
+from qpeft.data import dataset_path
 
 
 @dataclass(frozen=True)

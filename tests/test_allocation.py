@@ -102,7 +102,7 @@ def test_shared_counter_hands_out_each_index_once(tmp_path):
     once; constructing it again (a resumed run) starts over."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from qpeft.pipeline.decompose import SharedCounter
+    from qpeft.allocation.cost_table import SharedCounter
 
     counter = SharedCounter(tmp_path / "next")
 

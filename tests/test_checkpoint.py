@@ -11,8 +11,8 @@ import torch
 from qpeft.errors import QpeftError
 from qpeft.io.checkpoint import MANIFEST_NAME, file_sha256, read_manifest, tensor_sha256
 from qpeft.models.loading import load_checkpoint
-from qpeft.pipeline.quantize import quantize_model
 from qpeft.quant import PRESETS
+from qpeft.stages.quantize import quantize_model
 from tests.conftest import assert_one_line_error, run
 
 

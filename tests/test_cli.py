@@ -75,7 +75,7 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_it(tiny_model_dir, tmp_
     def broken(*args, **kwargs):
         raise RuntimeError("something broke\nsecond line")
 
-    monkeypatch.setattr("qpeft.pipeline.quantize.quantize_model", broken)
+    monkeypatch.setattr("qpeft.stages.quantize.quantize_model", broken)
     code, _, err = run(capsys, "quantize", tiny_model_dir, "--out", tmp_path / "o")
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (

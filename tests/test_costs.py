@@ -8,9 +8,9 @@ import torch
 
 from qpeft.allocation.costs import element_weights, group_configs, scale_format_errors
 from qpeft.allocation.ilp import hull_configs, ilp_allocate, pareto_configs
-from qpeft.decompose.lqlora import alternate
 from qpeft.errors import QpeftError
 from qpeft.methods.lqlora import matrix_costs
+from qpeft.methods.lqlora.alternation import alternate
 from qpeft.quant import dequantize, parse_config, parse_grid, quantize, simulate
 
 

@@ -14,11 +14,11 @@ import torch
 from safetensors import safe_open
 
 from qpeft.calibration.activations import load_grams
+from qpeft.calibration.cache import calibrate, calibrate_activations
 from qpeft.calibration.fisher import load_fisher
 from qpeft.io.checkpoint import read_manifest
 from qpeft.models.loading import load_checkpoint
 from qpeft.models.selection import DEFAULT_TARGETS
-from qpeft.pipeline.calibrate import calibrate, calibrate_activations
 from qpeft.quant import dequantize, parse_config, simulate
 from tests.conftest import SMALL_GRID, SUBPROCESS_ENV, assert_one_line_error, cli_command, free_port, run
 
@@ -146,8 +146,8 @@ def test_grams_that_cannot_fit_in_memory_stop_before_the_slow_stages(tiny_model_
     """The bound counts 8·d_in² bytes per selected matrix of a decoder layer, and per
     process; the error names the way out."""
     import qpeft.calibration.activations as activations
-    from qpeft.models.loading import build_skeleton
     from qpeft.models.selection import select_linear
+    from qpeft.models.skeleton import build_skeleton
 
     skeleton = build_skeleton(tiny_model_dir)
     layer = [n for n in select_linear(skeleton, DEFAULT_TARGETS) if n.startswith("model.layers.0.")]

@@ -11,11 +11,11 @@ import torch
 from qpeft.errors import QpeftError
 from qpeft.export import formats
 from qpeft.export.formats import REPORT_NAME, export_checkpoint
+from qpeft.io.trained import save_trained
 from qpeft.models.loading import load_checkpoint
 from qpeft.modules.adapters import LowRankAdapter
-from qpeft.pipeline.quantize import quantize_model
 from qpeft.quant import PRESETS
-from qpeft.training.export import save_trained
+from qpeft.stages.quantize import quantize_model
 from qpeft.training.model import add_lora
 from tests.conftest import SMALL_GRID, assert_one_line_error, run
 

@@ -20,10 +20,10 @@ from qpeft.errors import QpeftError
 from qpeft.eval.perplexity import load_eval_text, tokenize
 from qpeft.export.formats import NF4, REPORT_NAME, export_checkpoint
 from qpeft.io.checkpoint import read_manifest
+from qpeft.io.trained import save_trained
 from qpeft.models.loading import load_checkpoint
 from qpeft.modules.adapters import LowRankAdapter
-from qpeft.pipeline.quantize import quantize_model
-from qpeft.training.export import save_trained
+from qpeft.stages.quantize import quantize_model
 from qpeft.training.model import add_lora
 
 pytestmark = pytest.mark.slow

@@ -24,8 +24,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from calib import dataset_path
 from qpeft.cli import main
+from qpeft.data import dataset_path
 from qpeft.io.checkpoint import iter_shards, read_manifest
 from tests.conftest import REPO
 from tests.fault_table import ROWS, expand, last_line, make_world, matches, snapshot
@@ -125,7 +125,7 @@ INTERRUPTED_NOTHING = "qpeft {cmd}: interrupted: nothing was written"
 def test_signal_during_calibration(decompose_world, tmp_path, signal_name, record_property):
     out = tmp_path / "o"
     args = decompose_world["args"]
-    result = faulty(tmp_path, "qpeft.pipeline.calibrate:empirical_fisher:1", signal_name, *args, "--out", out)
+    result = faulty(tmp_path, "qpeft.calibration.cache:empirical_fisher:1", signal_name, *args, "--out", out)
     cache = tmp_path / "cache"
     fisher_files = list(cache.glob("fisher/*.safetensors")) if cache.exists() else []
     _record(
@@ -196,7 +196,7 @@ def test_a_torn_cost_table_line_resumes(decompose_world, tmp_path, record_proper
 def test_kill_during_the_write_resumes_and_cleans(decompose_world, tmp_path, record_property):
     out = tmp_path / "o"
     args = decompose_world["args"]
-    result = faulty(tmp_path, "qpeft.pipeline.decompose:write_manifest:1", "KILL", *args, "--out", out)
+    result = faulty(tmp_path, "qpeft.stages.decompose:write_manifest:1", "KILL", *args, "--out", out)
     left, existed = partials(out), out.exists()
     resumed = faulty(tmp_path, None, None, *args, "--out", out, "--resume")
     _record(

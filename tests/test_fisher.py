@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from calib.batches import calibration_batches, calibration_text
 from qpeft.calibration.fisher import empirical_fisher, load_fisher, save_fisher
 from qpeft.calibration.stream import LayerwiseLM
+from qpeft.data.calibration import calibration_batches, calibration_text
 from qpeft.errors import QpeftError
 from qpeft.models.selection import DEFAULT_TARGETS, select_linear
 
@@ -93,7 +93,7 @@ def test_calibration_text_never_uses_the_test_split(tmp_path):
 
 
 def test_calibrate_caches_by_settings(tiny_model_dir, tmp_path, monkeypatch):
-    from qpeft.pipeline.calibrate import calibrate
+    from qpeft.calibration.cache import calibrate
 
     monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
     first, path, hit = calibrate(tiny_model_dir, ["q_proj", "down_proj"], num_sequences=2, seqlen=16)
@@ -110,7 +110,7 @@ def test_fisher_pass_also_collects_the_grams(tiny_model_dir, tmp_path, monkeypat
     forward sweep: calibrate_activations then finds it, and it equals the Grams of
     their own sweep; the Fisher is the one calibrate gives alone (the backward sweep
     re-runs the layers without adding to the Grams)."""
-    from qpeft.pipeline.calibrate import calibrate, calibrate_activations
+    from qpeft.calibration.cache import calibrate, calibrate_activations
 
     targets, sizes = ["q_proj", "k_proj", "down_proj"], {"num_sequences": 3, "seqlen": 16}
     monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "together"))
@@ -134,7 +134,7 @@ def test_cached_grams_are_written_layer_by_layer_and_equal_the_sums(tiny_model_d
     cleared first; the cache reads back equal to an in-memory sweep over the same
     batches, rounded to fp32 (its storage, the upper triangle)."""
     import qpeft.calibration.activations as activations
-    from qpeft.pipeline.calibrate import calibrate_activations
+    from qpeft.calibration.cache import calibrate_activations
 
     monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
     held, written = [], []

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qpeft.decompose.lowrank import lowrank_factors, randomized_svd
-from qpeft.decompose.lqlora import lq_decompose, weighted_error
+from qpeft.methods.lowrank import lowrank_factors, randomized_svd
+from qpeft.methods.lqlora.alternation import lq_decompose, weighted_error
 from qpeft.quant import dequantize, nf_codebook, parse_config, quantize
 
 

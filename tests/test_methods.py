@@ -12,7 +12,7 @@ import pytest
 from qpeft.cli import build_parser
 from qpeft.errors import QpeftError
 from qpeft.methods import METHODS, method_plugin
-from qpeft.pipeline.stages import DecomposeRequest
+from qpeft.stages.decompose import DecomposeRequest
 from tests.conftest import assert_one_line_error, run
 
 REGISTERED = ", ".join(METHODS)

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from qpeft.modules import QuantLinear, adapters
-from qpeft.modules.adapters import LowRankAdapter, WHTAdapter
+from qpeft.methods.qwha import adapter as wht_adapter
+from qpeft.methods.qwha.adapter import WHTAdapter
+from qpeft.modules import QuantLinear
+from qpeft.modules.adapters import LowRankAdapter
 from qpeft.quant import PRESETS
 
 
@@ -34,7 +36,7 @@ def test_training_forward_and_gradients_match_the_dense_layer(kind, bias, monkey
     """Both ways of applying an adapter in training (to the activations, or merged
     into the dequantized weight with ΔW's gradient passed through ΔW(θ)) give the
     dense layer's outputs and gradients."""
-    monkeypatch.setattr(adapters, "WHT_MERGE_TOKENS_PER_ROW", 0.0 if kind == "wht-merged" else 1e9)
+    monkeypatch.setattr(wht_adapter, "WHT_MERGE_TOKENS_PER_ROW", 0.0 if kind == "wht-merged" else 1e9)
     layer = _layer(kind, bias=bias)
     x = torch.randn(3, 5, 192, requires_grad=True)
     y = layer(x)
@@ -71,7 +73,7 @@ def _saved_bytes(fn) -> int:
 def test_the_backward_keeps_no_dequantized_weight(kind, monkeypatch):
     """What autograd holds between forward and backward is the activations (and the
     adapter's), never a d_out × d_in matrix: the base is dequantized again."""
-    monkeypatch.setattr(adapters, "WHT_MERGE_TOKENS_PER_ROW", 0.0 if kind == "wht-merged" else 1e9)
+    monkeypatch.setattr(wht_adapter, "WHT_MERGE_TOKENS_PER_ROW", 0.0 if kind == "wht-merged" else 1e9)
     layer = _layer(kind, d_in=512, d_out=1024)
     x = torch.randn(2, 512, requires_grad=True)
     dense_weight_bytes = 512 * 1024 * 4
@@ -104,7 +106,7 @@ def test_autocast_dequantizes_straight_to_its_dtype(kind, monkeypatch):
     """Under bf16 autocast the base matmul runs in bf16 on a weight dequantized to bf16
     (not dequantized to fp32 and cast), forward and backward, and the gradients still
     come back in the input's dtype, close to an fp32 computation."""
-    monkeypatch.setattr(adapters, "WHT_MERGE_TOKENS_PER_ROW", 0.0 if kind == "wht-merged" else 1e9)
+    monkeypatch.setattr(wht_adapter, "WHT_MERGE_TOKENS_PER_ROW", 0.0 if kind == "wht-merged" else 1e9)
     layer = _layer(kind)
     x = torch.randn(6, 192, requires_grad=True)
     casts = []
@@ -165,7 +167,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tmp_pat
     """A whole model (QLoRA on the tiny LLaMA) with transformers' gradient
     checkpointing: the recomputed forward re-dequantizes, the gradients are the same."""
     from qpeft.models.loading import load_checkpoint
-    from qpeft.pipeline.quantize import quantize_model
+    from qpeft.stages.quantize import quantize_model
     from qpeft.training.model import add_lora, freeze_all_but_adapters
 
     quantize_model(tiny_model_dir, tmp_path / "nf4", PRESETS["nf4"])

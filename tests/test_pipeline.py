@@ -11,12 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qpeft.errors import QpeftError
 from qpeft.eval.perplexity import perplexity, tokenize
 from qpeft.io.checkpoint import MANIFEST_NAME
-from qpeft.models.loading import build_skeleton, load_checkpoint
+from qpeft.models.loading import load_checkpoint
 from qpeft.models.selection import select_linear
+from qpeft.models.skeleton import build_skeleton
 from qpeft.modules import QuantLinear
-from qpeft.pipeline import quantize as quantize_stage
-from qpeft.pipeline.quantize import quantize_model
 from qpeft.quant import dequantize, parse_config, quantize, storage_bits
+from qpeft.stages import quantize as quantize_stage
+from qpeft.stages.quantize import quantize_model
 
 
 def reference_model(model_dir, config):

@@ -9,8 +9,8 @@ import torch
 from qpeft.allocation.ilp import REFINED_SETS
 from qpeft.calibration.activations import damping_shift, input_grams
 from qpeft.calibration.stream import LayerwiseLM
-from qpeft.decompose.qwha import QWHASolver, ada_alloc, parameter_count, qwha_init, select_positions
 from qpeft.methods.qwha import qwha_matrix_costs
+from qpeft.methods.qwha.solver import QWHASolver, ada_alloc, parameter_count, qwha_init, select_positions
 from qpeft.quant import PRESETS, parse_grid, simulate
 from qpeft.transforms.hadamard import WalshHadamard
 
@@ -159,8 +159,8 @@ def test_input_grams_match_a_direct_computation_and_share_inputs(tiny_model_dir)
 
 @pytest.mark.parametrize("width", [48, 64, 96])
 def test_wht_adapter_paths_agree(width, monkeypatch):
-    from qpeft.modules import adapters
-    from qpeft.modules.adapters import WHTAdapter
+    from qpeft.methods.qwha import adapter as wht_adapter
+    from qpeft.methods.qwha.adapter import WHTAdapter
     from qpeft.modules.quant_linear import QuantLinear
 
     d_out, count = 40, 120
@@ -177,7 +177,7 @@ def test_wht_adapter_paths_agree(width, monkeypatch):
     x = torch.randn(5, 7, width, generator=g)
     outputs = []
     for ratio in (1e9, 0.0):  # activations first, then merged (inference; training: tests/test_modules.py)
-        monkeypatch.setattr(adapters, "WHT_MERGE_TOKENS_PER_ROW", ratio)
+        monkeypatch.setattr(wht_adapter, "WHT_MERGE_TOKENS_PER_ROW", ratio)
         with torch.no_grad():
             outputs.append(layer(x))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
@@ -268,7 +268,7 @@ def test_output_errors_match_captured_activations(tiny_model_dir, tmp_path):
 
     from qpeft.eval.output_error import output_errors
     from qpeft.models.selection import select_linear
-    from qpeft.pipeline.quantize import quantize_model
+    from qpeft.stages.quantize import quantize_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     names = select_linear(model)

@@ -12,11 +12,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from calib import dataset_path
+from qpeft.data import dataset_path
+from qpeft.data.training import IGNORE, alpaca_examples, alpaca_prompt, collate
 from qpeft.errors import QpeftError
 from qpeft.io.checkpoint import read_manifest
 from qpeft.training import trainer
-from qpeft.training.data import IGNORE, alpaca_examples, alpaca_prompt, collate
 from qpeft.training.recipe import load_recipe
 from tests.conftest import SUBPROCESS_ENV, assert_one_line_error, free_port, make_tokenizer, run
 

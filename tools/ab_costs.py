@@ -40,7 +40,7 @@ from qpeft.quant import parse_grid
 from qpeft.models.resolve import resolve_model
 from qpeft.models.selection import DEFAULT_TARGETS
 from qpeft.models.weights import SafetensorsWeights
-from qpeft.pipeline.calibrate import calibrate
+from qpeft.calibration.cache import calibrate
 torch.set_num_threads(1)
 model_dir = resolve_model(None)
 fisher = calibrate(model_dir, DEFAULT_TARGETS)[0]
@@ -81,8 +81,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="2.5,2.75,3.25,3.5,4.5,6")
     args = parser.parse_args()
 
+    from qpeft.allocation.cost_table import storage_bits_table
     from qpeft.allocation.ilp import ilp_allocate
-    from qpeft.pipeline.decompose import storage_bits_table
     from qpeft.quant import parse_grid
 
     layers = {int(x) for x in args.layers.split(",")}

@@ -34,8 +34,8 @@ import time
 import torch
 from measure import sync
 
-from qpeft.decompose.lqlora import lq_decompose
 from qpeft.methods.lqlora import matrix_costs
+from qpeft.methods.lqlora.alternation import lq_decompose
 from qpeft.quant import parse_grid
 
 # (name, shape, matrices of that shape in the model)
@@ -61,11 +61,11 @@ ACCURACY_MATRICES = [
 def accuracy(rank: int, grid: list) -> None:
     import numpy as np
 
-    from qpeft.decompose.lqlora import alternate
+    from qpeft.calibration.cache import calibrate
+    from qpeft.methods.lqlora.alternation import alternate
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import DEFAULT_TARGETS
     from qpeft.models.weights import SafetensorsWeights
-    from qpeft.pipeline.calibrate import calibrate
     from qpeft.quant import simulate
 
     model_dir = resolve_model(None)
@@ -116,12 +116,12 @@ def refine_sets(method_name: str, rank: int, grid: list, layer_stride: int, budg
     import numpy as np
 
     from qpeft.allocation.ilp import ilp_allocate
+    from qpeft.calibration.cache import calibrate, calibrate_activations
     from qpeft.methods.lqlora import LQLoRA
     from qpeft.methods.qwha import QWHA
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import DEFAULT_TARGETS
     from qpeft.models.weights import SafetensorsWeights
-    from qpeft.pipeline.calibrate import calibrate, calibrate_activations
 
     model_dir = resolve_model(None)
     if method_name == "qwha":

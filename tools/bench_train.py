@@ -112,8 +112,8 @@ def main() -> None:
         worker(args)
         return
     from qpeft.models.resolve import resolve_model
-    from qpeft.pipeline.quantize import quantize_model
     from qpeft.quant import PRESETS
+    from qpeft.stages.quantize import quantize_model
 
     model_dir = resolve_model(None)
     results = {}

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from measure import timed
 
-from qpeft.decompose.qwha import parameter_count
-from qpeft.modules.adapters import WHTAdapter
+from qpeft.methods.qwha.adapter import WHTAdapter
+from qpeft.methods.qwha.solver import parameter_count
 
 
 def wht_adapter(d_in: int, d_out: int, rank: int) -> WHTAdapter:

@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from qpeft.eval.perplexity import load_eval_text, perplexity, tokenize
 from qpeft.models.loading import load_checkpoint
 from qpeft.models.resolve import resolve_model
-from qpeft.pipeline.quantize import quantize_model
 from qpeft.quant import parse_config
+from qpeft.stages.quantize import quantize_model
 
 
 def bnb_bits_per_param(model: torch.nn.Module) -> tuple[float, int]:

@@ -24,12 +24,12 @@ from unittest import mock
 import torch
 
 from qpeft.allocation.costs import element_weights
-from qpeft.decompose.lqlora import lq_decompose
-from qpeft.models.loading import build_skeleton
+from qpeft.calibration.cache import calibrate
+from qpeft.methods.lqlora.alternation import lq_decompose
 from qpeft.models.resolve import resolve_model
 from qpeft.models.selection import DEFAULT_TARGETS, select_linear
+from qpeft.models.skeleton import build_skeleton
 from qpeft.models.weights import SafetensorsWeights
-from qpeft.pipeline.calibrate import calibrate
 from qpeft.quant import dequantize, parse_config, simulate, storage_bits
 
 

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from qpeft.calibration.cache import calibrate, calibrate_activations
 from qpeft.models.loading import load_checkpoint
 from qpeft.models.resolve import resolve_model
 from qpeft.models.selection import DEFAULT_TARGETS
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.modules import QuantLinear
-from qpeft.pipeline.calibrate import calibrate, calibrate_activations
 
 MEASURES = ("diag", "kfac", "output")
 

@@ -41,7 +41,7 @@ class LayerwiseLM:
     ones outside the decoder layers; `loaded(i)` materialises decoder layer i."""
 
     def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
-        from qpeft.models.loading import build_skeleton
+        from qpeft.models.skeleton import build_skeleton
 
         # SDPA: mask-free causal attention (see the module docstring)
         self.model = build_skeleton(model_dir, dtype, attn_implementation="sdpa").requires_grad_(False)

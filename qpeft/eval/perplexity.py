@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from calib import dataset_path
+from qpeft.data import dataset_path
 from qpeft.errors import QpeftError
 
 

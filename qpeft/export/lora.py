@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qpeft.decompose.lowrank import randomized_svd
 from qpeft.errors import QpeftError
+from qpeft.methods.lowrank import randomized_svd
 from qpeft.modules.adapters import LowRankAdapter
 
 

@@ -1,19 +1,49 @@
 """The registered decomposition methods of `qpeft decompose` (and of the recipes
-that train on a decomposed base). A method is one module here defining its
+that train on a decomposed base). A method is one package here defining its
 `MethodPlugin` (`qpeft.methods.base`) and listed in `METHODS`; the CLI, the stages,
 the recipes and the trainer read this registry only."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import nn
+
 from qpeft.errors import QpeftError
 from qpeft.methods.base import ADAPTER_DTYPE, Method, MethodPlugin, Needs, Split
 from qpeft.methods.lqlora import LQLoRAPlugin
 from qpeft.methods.qwha import QWHAPlugin
+from qpeft.modules.adapters import LowRankAdapter
 
 METHODS: dict[str, MethodPlugin] = {plugin.name: plugin for plugin in (LQLoRAPlugin(), QWHAPlugin())}
 DEFAULT_METHOD = "lqlora"
+# every adapter kind a checkpoint can hold: the methods' and QLoRA's fresh LoRA
+ADAPTERS: dict[str, type[nn.Module]] = {LowRankAdapter.kind: LowRankAdapter} | {
+    plugin.adapter.kind: plugin.adapter for plugin in METHODS.values() if plugin.adapter is not None
+}
 
-__all__ = ["ADAPTER_DTYPE", "DEFAULT_METHOD", "METHODS", "Method", "MethodPlugin", "Needs", "Split", "method_plugin"]
+__all__ = [
+    "ADAPTERS",
+    "ADAPTER_DTYPE",
+    "DEFAULT_METHOD",
+    "METHODS",
+    "Method",
+    "MethodPlugin",
+    "Needs",
+    "Split",
+    "build_adapter",
+    "method_plugin",
+]
+
+
+def build_adapter(spec: dict[str, Any] | None, in_features: int, out_features: int, device=None, dtype=None):
+    """The (empty) adapter a manifest's spec describes, or None for no adapter."""
+    if not spec:
+        return None
+    kind = spec.get("kind")
+    if kind not in ADAPTERS:
+        raise QpeftError(f"unknown adapter kind {kind!r} (this qpeft knows {', '.join(ADAPTERS)})")
+    return ADAPTERS[kind].from_spec(spec, in_features, out_features, device, dtype)
 
 
 def method_plugin(name: str, what: str = "--method") -> MethodPlugin:

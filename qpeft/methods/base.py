@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
-from qpeft.modules.adapters import LowRankAdapter, WHTAdapter
 from qpeft.quant import QuantConfig, QuantizedTensor
 
 if TYPE_CHECKING:
-    from qpeft.pipeline.stages import DecomposeRequest
+    from qpeft.stages.decompose import DecomposeRequest
 
 ADAPTER_DTYPE = torch.bfloat16  # L1/L2 and WHT values are stored (and trained) in bf16
 
@@ -30,7 +30,7 @@ class Split:
     method reports about it."""
 
     quantized: QuantizedTensor
-    adapter: LowRankAdapter | WHTAdapter | None = None
+    adapter: nn.Module | None = None
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -72,6 +72,8 @@ class MethodPlugin(ABC):
     title: ClassVar[str]  # for messages, e.g. "LQ-LoRA"
     options: ClassVar[type]
     flags: ClassVar[dict[str, str]]
+    adapter: ClassVar[type[nn.Module] | None]  # its adapter module (`qpeft.modules.adapters`' interface)
+    default_rank: ClassVar[int] = 64  # `--rank` when not given
 
     @abstractmethod
     def add_flags(self, parser: argparse.ArgumentParser) -> None: ...
@@ -101,9 +103,13 @@ class MethodPlugin(ABC):
     def rank_reason(self, rank: int, shape: tuple[int, int], limit: int) -> str:
         """Why `rank` does not fit `shape` (the end of the one-line error)."""
 
+    # its own recipe keys (a dataclass: type hints and defaults), written in the
+    # recipe's method section beside the common ones (`qpeft.training.recipe`)
+    recipe_section: ClassVar[type | None] = None
+
     @abstractmethod
     def recipe_options(self, section: Any) -> Any:
-        """The options a recipe's method section gives (`qpeft.training.recipe`)."""
+        """The options that a recipe's own keys give (a `recipe_section`, or None)."""
 
     def command_flags(self, options: Any) -> list[str]:
         """The flags of `options` as `qpeft decompose` takes them, those a recipe can

@@ -1,44 +1,20 @@
-"""Building and loading models: empty skeletons, plain HF models, qpeft checkpoints."""
+"""Loading models for inference: plain HF models and qpeft checkpoints."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 
 from qpeft.errors import QpeftError
 from qpeft.io.checkpoint import is_checkpoint, iter_shards, read_manifest
+from qpeft.methods import build_adapter
 from qpeft.models.resolve import resolve_model
-from qpeft.models.selection import select_linear
-from qpeft.models.weights import SafetensorsWeights
+from qpeft.models.skeleton import build_skeleton
 from qpeft.modules import QuantLinear
-from qpeft.modules.adapters import build_adapter
 from qpeft.quant import parse_config
-
-
-def build_skeleton(model_dir: Path, dtype: torch.dtype = torch.float32, **options: Any) -> nn.Module:
-    """The model's module tree with parameters on the meta device (no memory);
-    buffers such as rotary frequencies are real. `options` go to `from_config`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, **options)
-
-
-def stored_linear(model_dir: Path, weights: SafetensorsWeights, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """Selected linear layers (name → weight shape (out, in), in module order); an
-    error names any whose weight the safetensors files lack."""
-    skeleton = build_skeleton(model_dir)
-    names = select_linear(skeleton, targets)
-    absent = [n for n in names if f"{n}.weight" not in weights.weight_map]
-    if absent:
-        raise QpeftError(f"{model_dir}: selected weights not in the checkpoint: {absent[:3]}")
-    return {n: tuple(skeleton.get_submodule(n).weight.shape) for n in names}
 
 
 def locate(spec: str | None) -> Path:

@@ -19,25 +19,11 @@ from qpeft.errors import QpeftError
 from qpeft.io.checkpoint import is_checkpoint
 from qpeft.modules import quantized_layers
 from qpeft.modules.adapters import LowRankAdapter
-from qpeft.pipeline.stages import DecomposeRequest, QuantizeRequest, run_decompose, run_quantize
-from qpeft.training.recipe import MethodSection, Recipe
+from qpeft.stages.decompose import DecomposeRequest, run_decompose
+from qpeft.stages.quantize import QuantizeRequest, run_quantize
+from qpeft.training.recipe import Recipe, method_section
 
 BASE_DIR = "base"
-
-
-class _FreshLoRA:
-    """The rank limit of QLoRA's fresh L1·L2 (`check_rank` reads these two)."""
-
-    @staticmethod
-    def max_rank(shape: tuple[int, int]) -> int:
-        return min(shape)
-
-    @staticmethod
-    def rank_reason(rank: int, shape: tuple[int, int], limit: int) -> str:
-        return f"a low-rank L1·L2 has rank at most {limit}"
-
-
-FRESH_LORA = _FreshLoRA()
 
 
 def base_request(recipe: Recipe, out: Path, resume: bool = False) -> QuantizeRequest | DecomposeRequest:
@@ -48,7 +34,7 @@ def base_request(recipe: Recipe, out: Path, resume: bool = False) -> QuantizeReq
     m = recipe.method
     if m.name == "qlora":
         return QuantizeRequest(recipe.model, out, m.config or "nf4", m.targets)
-    options = method_plugin(m.name, "recipe key method.name").recipe_options(m)
+    options = method_plugin(m.name, "recipe key method.name").recipe_options(m.options)
     return DecomposeRequest(
         recipe.model, out, m.name, m.budget, m.config, m.rank, options, targets=m.targets, resume=resume
     )
@@ -69,9 +55,9 @@ def check_method_inputs(recipe: Recipe) -> Path:
     targets, and the rank against every selected matrix. Returns the directory whose
     tokenizer the run uses (the model's, which the base copies; or the checkpoint)."""
     from qpeft.methods import METHODS, check_rank
-    from qpeft.models.loading import stored_linear
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import parse_targets
+    from qpeft.models.skeleton import stored_linear
     from qpeft.models.weights import SafetensorsWeights
 
     m = recipe.method
@@ -80,7 +66,7 @@ def check_method_inputs(recipe: Recipe) -> Path:
     model_dir = resolve_model(recipe.model)
     targets = parse_targets(m.targets, "recipe key method.targets")
     shapes = stored_linear(model_dir, SafetensorsWeights(model_dir), targets)
-    check_rank(METHODS.get(m.name, FRESH_LORA), m.rank, shapes, "recipe key method.rank")
+    check_rank(METHODS.get(m.name, LowRankAdapter), m.rank, shapes, "recipe key method.rank")
     return model_dir
 
 
@@ -93,7 +79,8 @@ def check_base_matches(recipe: Recipe, previous: Path) -> None:
     if not previous.is_file():
         raise QpeftError(f"{base} was not made by a qpeft training run (no {previous}): choose another output_dir")
     body = json.loads(previous.read_text())
-    earlier = base_request(Recipe(model=body["model"], method=MethodSection(**body["method"])), base).command()
+    earlier = base_request(Recipe(model=body["model"], method=method_section(body["method"], lenient=True)), base)
+    earlier = earlier.command()
     if earlier != base_request(recipe, base).command():
         raise QpeftError(
             f"{base} was made by another recipe (qpeft {' '.join(earlier)}; see {previous}): "
@@ -107,7 +94,7 @@ def build_base(recipe: Recipe, resume: bool = False) -> None:
     calls this (the cost table is split across them and rank 0 writes); a
     quantization runs on one process. `resume`: continue a decomposition's
     interrupted cost table."""
-    from qpeft.pipeline.decompose import work_dir_for
+    from qpeft.allocation.cost_table import work_dir_for
 
     base = base_dir(recipe)
     request = base_request(recipe, base, resume and work_dir_for(base).is_dir())

@@ -31,7 +31,8 @@ from qpeft.errors import QpeftError
 from qpeft.methods import METHODS as REGISTERED
 from qpeft.models.selection import parse_targets
 
-DECOMPOSITIONS = tuple(REGISTERED)  # a base made by `qpeft decompose --method NAME`
+# a base made by `qpeft decompose --method NAME` with an adapter to train
+DECOMPOSITIONS = tuple(name for name, plugin in REGISTERED.items() if plugin.adapter is not None)
 METHODS = ("qlora", *DECOMPOSITIONS, "checkpoint")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -48,8 +49,9 @@ class MethodSection:
     budget: float | None = None  # lqlora / qwha: average bits per parameter of Q (the ILP)
     rank: int = 64  # LoRA rank, or the equal parameter budget of QWHA
     alpha: float | None = None  # qlora: LoRA scaling alpha / rank (default: 2·rank); decompositions train unscaled
-    fisher: bool = True  # lqlora: Fisher-weighted decomposition (read by its plugin's recipe_options)
     targets: str | None = None  # layer name patterns (default: q, k, v, o, gate, up, down projections)
+    # the method's own keys, written beside these in the YAML: its plugin's `recipe_section`
+    options: Any = None
 
 
 @dataclass
@@ -91,7 +93,10 @@ class Recipe:
     source: str | None = None  # the recipe file (set by load_recipe)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The recipe as its YAML would hold it (the method's own keys in `method`)."""
+        body = dataclasses.asdict(self)
+        body["method"] |= body["method"].pop("options") or {}
+        return body
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -119,19 +124,44 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise QpeftError(f"recipe key {key}: expected {names}, got {value!r}")
 
 
+INTERNAL = ("source", "options")  # fields a recipe file does not set by name
+
+
 def _build(cls: type, body: Any, prefix: str) -> Any:
     if not isinstance(body, dict):
         raise QpeftError(f"recipe key {prefix.rstrip('.') or '(top level)'}: expected a mapping, got {body!r}")
-    known = {k: v for k, v in typing.get_type_hints(cls).items() if k != "source"}
+    known = {k: v for k, v in typing.get_type_hints(cls).items() if k not in INTERNAL}
     unknown = sorted(set(body) - set(known))
     if unknown:
         raise QpeftError(f"unknown recipe key {prefix}{unknown[0]} (known: {', '.join(known)})")
     values = {}
     for name, value in body.items():
         key, hint = f"{prefix}{name}", known[name]
-        is_section = dataclasses.is_dataclass(hint)
-        values[name] = _build(hint, value, f"{key}.") if is_section else _coerce(value, hint, key)
+        if hint is MethodSection:
+            values[name] = method_section(value, f"{key}.")
+        elif dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{key}.")
+        else:
+            values[name] = _coerce(value, hint, key)
     return cls(**values)
+
+
+def method_section(body: Any, prefix: str = "method.", lenient: bool = False) -> MethodSection:
+    """The method section: its common keys, and the method's own (its plugin's
+    `recipe_section` dataclass, None if it has none) as `options`. `lenient`: ignore
+    keys the method does not know (a recipe.json written by an earlier qpeft)."""
+    if not isinstance(body, dict):
+        raise QpeftError(f"recipe key {prefix.rstrip('.')}: expected a mapping, got {body!r}")
+    plugin = REGISTERED.get(body.get("name"))
+    own_section = plugin.recipe_section if plugin is not None else None
+    own = set(typing.get_type_hints(own_section)) if own_section is not None else set()
+    common = {k for k in typing.get_type_hints(MethodSection) if k not in INTERNAL}
+    if lenient:
+        body = {k: v for k, v in body.items() if k in own | common}
+    section = _build(MethodSection, {k: v for k, v in body.items() if k not in own}, prefix)
+    if own_section is not None:
+        section.options = _build(own_section, {k: v for k, v in body.items() if k in own}, prefix)
+    return section
 
 
 def _check(recipe: Recipe) -> None:

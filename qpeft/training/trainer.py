@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from qpeft.data.training import collate, load_examples, load_text
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory, atomic_file
 from qpeft.io.checkpoint import is_checkpoint
-from qpeft.training.data import collate, load_examples, load_text
-from qpeft.training.export import save_trained
+from qpeft.io.trained import save_trained
 from qpeft.training.model import (
     BASE_DIR,
     add_lora,

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from calib.batches import calibration_batches, calibration_text
 from qpeft.calibration.activations import (
     GramCollector,
     InputGrams,
@@ -28,6 +27,7 @@ from qpeft.calibration.fisher import (
     save_fisher,
     settings_key,
 )
+from qpeft.data.calibration import calibration_batches, calibration_text
 from qpeft.distributed import barrier, rank_and_world
 from qpeft.errors import QpeftError
 from qpeft.models.resolve import cache_dir

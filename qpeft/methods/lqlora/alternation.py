@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qpeft.decompose.lowrank import lowrank_factors
+from qpeft.methods.lowrank import lowrank_factors
 from qpeft.quant import QuantConfig, QuantizedTensor, quantize, simulate
 
 

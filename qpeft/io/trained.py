@@ -12,10 +12,10 @@ from torch import nn
 
 from qpeft.io.atomic import atomic_directory
 from qpeft.io.checkpoint import ShardWriter, iter_shards, read_manifest, write_manifest
+from qpeft.io.summary import summarise, type_table
 from qpeft.methods import ADAPTER_DTYPE
 from qpeft.models.resolve import copy_model_files
 from qpeft.modules import quantized_layers
-from qpeft.pipeline.decompose import summarise, type_table
 
 
 def save_trained(model: nn.Module, base: Path, out: Path, training: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Uniform quantization of a model's selected linear layers (the QLoRA base).
+"""`qpeft quantize` as a library call: uniform round-to-nearest quantization of a
+model's selected linear layers under one config (the QLoRA base).
 
 Streams the source safetensors tensor by tensor: a selected weight is quantized
 (on `device`) and written as its packed parts, everything else is copied. Memory
@@ -10,6 +11,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,12 @@ import torch
 import qpeft
 from qpeft.io.atomic import atomic_directory
 from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, dtype_name, stream_model, write_manifest
-from qpeft.models.loading import stored_linear
 from qpeft.models.resolve import copy_model_files
 from qpeft.models.selection import DEFAULT_TARGETS
+from qpeft.models.skeleton import stored_linear
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.quant import QuantConfig, bits_per_param, dequantize, quantize, storage_bits
+from qpeft.stages.checks import check_device
 
 
 def _quantize_matrix(weight: torch.Tensor, config: QuantConfig, key: str, writer: ShardWriter) -> dict[str, Any]:
@@ -94,3 +97,44 @@ def quantize_model(
         }
         write_manifest(tmp, manifest, writer)  # last: a directory without it is not a checkpoint
     return manifest
+
+
+@dataclass
+class QuantizeRequest:
+    """`qpeft quantize`: every selected matrix under one config."""
+
+    model: str | None
+    out: Path
+    config: str = "nf4"
+    targets: str | None = None  # comma-separated patterns; None: the default set
+    device: str = "cpu"
+    unquantized_dtype: str = "source"
+
+    def command(self) -> list[str]:
+        """The `qpeft` command line that makes this request."""
+        targets = ["--targets", self.targets] if self.targets else []
+        return ["quantize", self.model or "smollm2", "--config", self.config, "--out", str(self.out), *targets]
+
+
+def run_quantize(request: QuantizeRequest) -> dict[str, Any]:
+    """Write the checkpoint; returns its manifest."""
+    from qpeft.io.atomic import check_output
+    from qpeft.io.checkpoint import UNQUANTIZED_DTYPES
+    from qpeft.models.resolve import resolve_model
+    from qpeft.models.selection import parse_targets
+    from qpeft.quant import parse_config
+
+    config = parse_config(request.config)
+    targets = parse_targets(request.targets, "--targets")
+    check_device(request.device)
+    check_output(request.out)  # before the slow steps, not only when writing starts
+    model_dir = resolve_model(request.model)
+    return quantize_model(
+        model_dir,
+        request.out,
+        config,
+        targets,
+        request.device,
+        source=request.model or "smollm2",
+        unquantized_dtype=UNQUANTIZED_DTYPES[request.unquantized_dtype],
+    )

@@ -63,16 +63,16 @@ from qpeft.allocation.costs import element_weights, group_configs
 from qpeft.allocation.ilp import REFINED_SETS
 from qpeft.calibration.activations import InputGrams
 from qpeft.calibration.fisher import FisherStats
-from qpeft.decompose.lowrank import lowrank_factors
-from qpeft.decompose.lqlora import alternate, lq_decompose, row_space, weighted_error
 from qpeft.errors import QpeftError
 from qpeft.methods.base import ADAPTER_DTYPE, Method, MethodPlugin, Needs, Split
+from qpeft.methods.lowrank import lowrank_factors
+from qpeft.methods.lqlora.alternation import alternate, lq_decompose, row_space, weighted_error
 from qpeft.modules.adapters import LowRankAdapter
 from qpeft.quant import QuantConfig, dequantize, simulate
 from qpeft.quant.gptq import GPTQSolver
 
 if TYPE_CHECKING:
-    from qpeft.pipeline.stages import DecomposeRequest
+    from qpeft.stages.decompose import DecomposeRequest
 
 ROUNDINGS = ("nearest", "gptq")  # how LQ-LoRA chooses the codes of Q at the split
 
@@ -269,10 +269,19 @@ class LQLoRAOptions:
     refine_iters: int = 5  # alternation steps of each refined config of the cost table
 
 
+@dataclass
+class LQLoRARecipe:
+    """LQ-LoRA's own keys of a recipe's method section."""
+
+    fisher: bool = True  # Fisher-weighted decomposition (false: --no-fisher)
+
+
 class LQLoRAPlugin(MethodPlugin):
     name = "lqlora"
     title = "LQ-LoRA"
     options = LQLoRAOptions
+    adapter = LowRankAdapter
+    recipe_section = LQLoRARecipe
     flags: ClassVar[dict[str, str]] = {
         "fisher": "--fisher",
         "no_fisher": "--no-fisher",
@@ -330,7 +339,7 @@ class LQLoRAPlugin(MethodPlugin):
     def build(
         self, request: DecomposeRequest, model_dir: Path, targets: tuple[str, ...], names: list[str], device: str
     ) -> Method:
-        from qpeft.pipeline.calibrate import calibrate, calibrate_activations, fisher_for
+        from qpeft.calibration.cache import calibrate, calibrate_activations, fisher_for
 
         r, o = request, request.options
         calib = r.calib.with_elementwise(o.fisher_elementwise)
@@ -349,12 +358,12 @@ class LQLoRAPlugin(MethodPlugin):
         )
 
     def max_rank(self, shape: tuple[int, int]) -> int:
-        return min(shape)
+        return LowRankAdapter.max_rank(shape)
 
     def rank_reason(self, rank: int, shape: tuple[int, int], limit: int) -> str:
-        return f"a low-rank L1·L2 has rank at most {limit}"
+        return LowRankAdapter.rank_reason(rank, shape, limit)
 
-    def recipe_options(self, section: Any) -> LQLoRAOptions:
+    def recipe_options(self, section: LQLoRARecipe) -> LQLoRAOptions:
         return LQLoRAOptions(no_fisher=not section.fisher)
 
     def command_flags(self, options: LQLoRAOptions) -> list[str]:

@@ -16,15 +16,15 @@ import torch
 from qpeft.allocation.costs import group_configs, scale_format_errors
 from qpeft.allocation.ilp import REFINED_SETS
 from qpeft.calibration.activations import InputGrams
-from qpeft.decompose.qwha import QWHASolver, parameter_count
 from qpeft.errors import QpeftError
 from qpeft.methods.base import ADAPTER_DTYPE, Method, MethodPlugin, Needs, Split
-from qpeft.modules.adapters import WHTAdapter
+from qpeft.methods.qwha.adapter import WHTAdapter
+from qpeft.methods.qwha.solver import QWHASolver, parameter_count
 from qpeft.quant import QuantConfig, dequantize, quantize, simulate
 from qpeft.transforms.hadamard import walsh_hadamard
 
 if TYPE_CHECKING:
-    from qpeft.pipeline.stages import DecomposeRequest
+    from qpeft.stages.decompose import DecomposeRequest
 
 
 def qwha_matrix_costs(
@@ -129,6 +129,7 @@ class QWHAPlugin(MethodPlugin):
     name = "qwha"
     title = "QWHA"
     options = QWHAOptions
+    adapter = WHTAdapter
     flags: ClassVar[dict[str, str]] = {"alpha": "--alpha"}
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
@@ -149,7 +150,7 @@ class QWHAPlugin(MethodPlugin):
     def build(
         self, request: DecomposeRequest, model_dir: Path, targets: tuple[str, ...], names: list[str], device: str
     ) -> Method:
-        from qpeft.pipeline.calibrate import calibrate_activations
+        from qpeft.calibration.cache import calibrate_activations
 
         calib = request.calib
         grams = calibrate_activations(model_dir, targets, *calib.sampling(), device, calib.dtype)[0]
@@ -163,5 +164,5 @@ class QWHAPlugin(MethodPlugin):
         rows, cols = shape
         return f"QWHA's {rank * (rows + cols):,} values would exceed its {rows * cols:,} entries (rank at most {limit})"
 
-    def recipe_options(self, section: Any) -> QWHAOptions:
+    def recipe_options(self, section: None) -> QWHAOptions:
         return QWHAOptions()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from calib import dataset_path
+from qpeft.data import dataset_path
 from qpeft.errors import QpeftError
 
 IGNORE = -100  # label of a token that is not a target (torch's cross-entropy ignore_index)

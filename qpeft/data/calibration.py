@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from calib import dataset_path
+from qpeft.data import dataset_path
 from qpeft.errors import QpeftError
 
 DEFAULT_SEQUENCES = 32

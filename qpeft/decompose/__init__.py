@@ -1,1 +1,0 @@
-"""Decomposition methods: W ≈ Q + (a trainable high-precision part)."""

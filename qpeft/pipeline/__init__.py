@@ -1,1 +1,0 @@
-"""Pipeline stages that turn a base model into a qpeft checkpoint."""
