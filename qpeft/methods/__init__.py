@@ -13,9 +13,10 @@ from qpeft.errors import QpeftError
 from qpeft.methods.base import ADAPTER_DTYPE, Method, MethodPlugin, Needs, Split
 from qpeft.methods.lqlora import LQLoRAPlugin
 from qpeft.methods.qwha import QWHAPlugin
+from qpeft.methods.uniform import UniformPlugin
 from qpeft.modules.adapters import LowRankAdapter
 
-METHODS: dict[str, MethodPlugin] = {plugin.name: plugin for plugin in (LQLoRAPlugin(), QWHAPlugin())}
+METHODS: dict[str, MethodPlugin] = {plugin.name: plugin for plugin in (LQLoRAPlugin(), QWHAPlugin(), UniformPlugin())}
 DEFAULT_METHOD = "lqlora"
 # every adapter kind a checkpoint can hold: the methods' and QLoRA's fresh LoRA
 ADAPTERS: dict[str, type[nn.Module]] = {LowRankAdapter.kind: LowRankAdapter} | {

@@ -1,0 +1,108 @@
+"""Uniform quantization as a decomposition method: W ≈ Q, no adapter. With
+`--config` every matrix takes one config; with `--budget` the ILP picks each
+matrix's config (mixed precision without an adapter: the peer that shows what an
+adapter's bits buy).
+
+Costs: cost(W, config) = ‖W − quant(W)‖²_F, round-to-nearest, priced exactly per
+scale format from one `shared_levels` pass per group of configs with one
+`codes_key`. Split: Q rounded by GPTQ (Frantar et al. 2023, §3) along the layer
+inputs' XᵀX, so that it compares with LQ-LoRA's default rounding; round-to-nearest
+uniform quantization is `qpeft quantize`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+
+from qpeft.allocation.costs import group_configs
+from qpeft.calibration.activations import InputGrams
+from qpeft.methods.base import Method, MethodPlugin, Needs, Split
+from qpeft.quant import QuantConfig
+from qpeft.quant.gptq import GPTQSolver
+
+if TYPE_CHECKING:
+    from qpeft.stages.decompose import DecomposeRequest
+
+
+def uniform_costs(weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray:
+    """‖W − quant(W)‖²_F under each config of `grid`, in its order."""
+    w = weight.float()
+    costs = np.empty(len(grid))
+    for group in group_configs(grid):
+        members = [grid[j] for j in group]
+        costs[group] = members[0].shared_levels(w).errors(members, None)
+    return costs
+
+
+@dataclass
+class Uniform:
+    """Q = GPTQ(W) under each matrix's config; no adapter."""
+
+    grams: InputGrams
+    rank: int = 0
+    _gptq_cache: tuple[str, GPTQSolver] | None = field(default=None, init=False, repr=False, compare=False)
+    name = "uniform"
+    split_only: ClassVar[tuple[str, ...]] = ("grams",)
+
+    def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray:
+        return uniform_costs(weight, grid)
+
+    def split(self, name: str, weight: torch.Tensor, config: QuantConfig) -> Split:
+        key = self.grams.owner.get(name, name)  # q, k, v (gate, up) read one input: one solver
+        if self._gptq_cache is None or self._gptq_cache[0] != key:
+            self._gptq_cache = (key, GPTQSolver(self.grams.gram(name).to(weight.device)))
+        return Split(self._gptq_cache[1].quantize(weight.float(), config), report={"rank": 0})
+
+    def calibrations(self) -> dict[str, Any]:
+        return {"fisher": None, "grams": self.grams}
+
+
+@dataclass
+class UniformOptions:
+    """Uniform quantization has no settings of its own."""
+
+
+class UniformPlugin(MethodPlugin):
+    name = "uniform"
+    title = "uniform"
+    options = UniformOptions
+    adapter = None
+    flags: ClassVar[dict[str, str]] = {}
+    default_rank = 0
+
+    def add_flags(self, parser: argparse.ArgumentParser) -> None:
+        pass
+
+    def check(self, request: DecomposeRequest) -> None:
+        pass
+
+    def needs(self, request: DecomposeRequest) -> Needs:
+        return Needs(
+            calibration_text=True,
+            activations="gptq rounding",
+            activations_hint="select fewer layers (--targets), or use qpeft quantize (round-to-nearest)",
+        )
+
+    def build(
+        self, request: DecomposeRequest, model_dir: Path, targets: tuple[str, ...], names: list[str], device: str
+    ) -> Method:
+        from qpeft.calibration.cache import calibrate_activations
+
+        calib = request.calib
+        return Uniform(calibrate_activations(model_dir, targets, *calib.sampling(), device, calib.dtype)[0])
+
+    def max_rank(self, shape: tuple[int, int]) -> int:
+        return 0
+
+    def rank_reason(self, rank: int, shape: tuple[int, int], limit: int) -> str:
+        return "uniform quantization has no adapter (--rank 0)"
+
+    def recipe_options(self, section: None) -> UniformOptions:
+        return UniformOptions()
