@@ -8,7 +8,7 @@ import torch
 from qpeft.errors import QpeftError
 from qpeft.quant import dequantize, nf_codebook, parse_config, quantize
 from qpeft.quant.codebooks import nearest_level
-from qpeft.quant.formats.normalfloat import normalized_blocks, pack_quantized
+from qpeft.quant.formats.normalfloat import normalized_blocks, pack_quantized, simulated_scales
 from qpeft.quant.gptq import gptq_quantize
 
 CONFIGS = ["nf3-b64-s4x64-fp16", "nf4-b64-s8x256-fp32", "nf2-b16-s2x16-bf16", "nf3-b32-fp32"]
@@ -31,7 +31,10 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor)
 def test_pack_quantized_of_nearest_codes_is_quantize(name):
     config = parse_config(name)
     weight = torch.randn(24, 96) * torch.rand(24, 1)
-    _, absmax, levels = normalized_blocks(weight, config.bits, config.block_size)
+    blocks, absmax, levels = normalized_blocks(weight, config.bits, config.block_size)
+    if config.codes_follow_scales:  # the nearest levels of x / s, s the stored scales
+        inverse = 1.0 / simulated_scales(absmax, config).clamp(min=1e-38)
+        levels = torch.clamp(blocks * inverse.unsqueeze(1), -1, 1)
     codes = nearest_level(levels.reshape(-1)[: weight.numel()], nf_codebook(config.bits))
     packed = pack_quantized(codes.view(weight.shape), absmax, config, tuple(weight.shape))
     expected = quantize(weight, config)

@@ -14,11 +14,14 @@ from qpeft.quant import (
     dequantize,
     nf_codebook,
     parse_config,
+    parse_grid,
     quantize,
+    simulate,
     storage_bits,
 )
 from qpeft.quant.codebooks import dynamic_codebook, nearest_level, uniform_codebook
 from qpeft.quant.config import DEFAULT_CHUNK
+from qpeft.quant.formats.normalfloat import dequantize_scales, normalized_blocks, scaled_levels
 from qpeft.quant.packing import pack_codes, packed_numel, unpack_codes
 
 ALL_CONFIGS = [
@@ -235,3 +238,38 @@ def test_large_matrix_chunked_memory():
     extra = torch.cuda.max_memory_allocated() - base - out.numel() * 2
     assert extra < 16 * DEFAULT_CHUNK, extra  # a few chunk-sized fp32/int32 temporaries, not a full copy
     assert math.isfinite(out.float().abs().max().item())
+
+
+FOLLOWING = [c for c in parse_grid("lqlora") if c.codes_follow_scales]
+
+
+def test_codes_follow_the_scales_exactly_below_8_bit_scales():
+    """2–4-bit scales: the configs whose codes are chosen against the stored scale."""
+    assert {c.scale_bits for c in FOLLOWING} == {2, 3, 4} and len(FOLLOWING) == 324
+    assert not PRESETS["nf4"].codes_follow_scales  # bitsandbytes' order
+
+
+@pytest.mark.parametrize("name", ["nf3-b64-s2x256-fp16", "nf4-b16-s2x256-bf16", "nf2-b32-s3x16-fp32"])
+def test_each_value_takes_the_nearest_level_of_its_stored_scale(name):
+    config = parse_config(name)
+    weight = torch.randn(40, 200) * torch.rand(40, 1).add(0.1)
+    deq = dequantize(quantize(weight, config))
+    torch.testing.assert_close(simulate(weight, config), deq, rtol=0, atol=0)
+    scales = dequantize_scales(quantize(weight, config)).repeat_interleave(config.block_size)[: weight.numel()]
+    candidates = scales.view(*weight.shape, 1) * nf_codebook(config.bits)  # every level of every value's block
+    best = (weight.unsqueeze(-1) - candidates).abs().amin(dim=-1)
+    assert torch.all((weight - deq).abs() <= best + 1e-6 * scales.view(weight.shape))
+
+
+def test_coding_against_the_stored_scale_never_costs_more_than_against_the_absmax():
+    """Per value the stored-scale code is the nearest level: the squared error is at
+    most that of the absmax's codes under the same scales, for every such grid config."""
+    weight = torch.randn(64, 256)
+    errors = []
+    for config in FOLLOWING[::7]:
+        _, absmax, levels = normalized_blocks(weight, config.bits, config.block_size)
+        by_absmax = scaled_levels(levels, absmax, config, weight.shape)
+        new, old = float((weight - simulate(weight, config)).square().sum()), float((weight - by_absmax).square().sum())
+        assert new <= old * (1 + 1e-6), config.name
+        errors.append(old / new)
+    assert max(errors) > 1.1  # and it matters somewhere

@@ -119,6 +119,13 @@ def main() -> None:
         f"time: this {seconds['this']:.1f} s, {args.rev} {seconds[args.rev]:.1f} s, "
         f"ratio {seconds['this'] / seconds[args.rev]:.4f}"
     )
+    grid = parse_grid("lqlora")
+    print("per-config cost ratio (this / rev) over every matrix, by the configs' scale bits b0")
+    print("b0  configs  min      median   max")
+    for scale_bits in sorted({c.scale_bits for c in grid}):
+        ratios = (this / other)[:, [j for j, c in enumerate(grid) if c.scale_bits == scale_bits]]
+        low, mid, high = np.quantile(ratios, [0, 0.5, 1])
+        print(f"{scale_bits:<3} {ratios.shape[1]:<8} {low:.5f}  {mid:.5f}  {high:.5f}")
     print("budget  optimum ratio (this / rev)")
     for budget in (float(b) for b in args.budgets.split(",")):
         ratio = ilp_allocate(this, bits, numel, budget).cost / ilp_allocate(other, bits, numel, budget).cost

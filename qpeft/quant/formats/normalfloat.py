@@ -29,8 +29,12 @@ quantization", QLoRA §3):
   spends every level on the non-negative range that the shifted scales occupy.
 
 In both cases the per-block second-level scale is kept in `scale_dtype` and the
-offset (mean or minimum) in fp32. Codes are chosen against the exact fp32 block
-absmax, as bitsandbytes does; the dequantized scale is what the forward uses.
+offset (mean or minimum) in fp32. The forward multiplies each code's level by the
+dequantized scale s. With 8-bit scales (or none) the codes are chosen against the
+exact fp32 block absmax m, as bitsandbytes does: s is within about 1% of m. With
+2–4-bit scales s can be far from m, and the codes are chosen against s itself
+(nearest level of x / s, clipped to ±1), as LQ-LoRA's reference code and GPTQ do
+(`NFConfig.codes_follow_scales`, docs/DECOMPOSE.md).
 
 Everything is torch ops (CPU or CUDA) working through the matrix in chunks of
 blocks, so a 28672×8192 matrix never needs more than a chunk of fp32 temporaries
@@ -135,6 +139,15 @@ class NFConfig(QuantConfig):
         return self.scale_bits is not None
 
     @property
+    def codes_follow_scales(self) -> bool:
+        """Whether codes are chosen against the stored block scale s (x / s) instead
+        of the exact block absmax m (x / m, bitsandbytes' order). True for 2–4-bit
+        scales: coding against m then costs 1.2–2.4× the squared error on Gaussian
+        weights (nf3-b64-s2x256 to nf4-b16-s2x256), because every level is then off
+        by the factor s/m. 8-bit dynamic scales keep m's codes (bitsandbytes-exact)."""
+        return self.double_quant and self.scale_bits < 8
+
+    @property
     def name(self) -> str:
         head = f"nf{self.bits}-b{self.block_size}"
         if self.double_quant:
@@ -214,7 +227,8 @@ class NFConfig(QuantConfig):
 
     @property
     def codes_key(self) -> Hashable:
-        # codes are chosen against the exact block absmax: only b and B0 matter
+        # configs of one (b, B0) share the blocks and their exact absmaxes, and those
+        # that code against the absmax also share the codes (NormalizedBlocks)
         return ("nf", self.bits, self.block_size)
 
     def shared_levels(self, weight: torch.Tensor) -> NormalizedBlocks:
@@ -287,17 +301,19 @@ def quantize(
     codebook = nf_codebook(config.bits, device)
     absmax = torch.empty(layout.num_blocks, dtype=torch.float32, device=device)
     codes = torch.empty(packed_numel(layout.padded_numel, config.bits), dtype=torch.uint8, device=device)
-    for start, end in _chunks(layout.num_blocks, config.block_size, chunk):
-        blocks = _block_view(flat, start, end, config.block_size, layout.numel)
-        block_absmax = blocks.abs().amax(dim=1)
-        absmax[start:end] = block_absmax
-        # x * (1/absmax), clamped: the exact arithmetic of bitsandbytes' quantizer.
-        scaled = torch.clamp(blocks * (1.0 / block_absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
-        chunk_codes = nearest_level(scaled.reshape(-1), codebook)
-        codes[_byte_range(start, end, config)] = pack_codes(chunk_codes, config.bits)
-    # amax propagates NaN, so one check at the end covers every value (one device sync)
+    chunks = list(_chunks(layout.num_blocks, config.block_size, chunk))
+    for start, end in chunks:
+        absmax[start:end] = _block_view(flat, start, end, config.block_size, layout.numel).abs().amax(dim=1)
+    # amax propagates NaN, so one check covers every value (one device sync)
     if not torch.isfinite(absmax).all():
         raise QpeftError(f"{name} contains NaN or Inf values")
+    divisor = simulated_scales(absmax, config) if config.codes_follow_scales else absmax
+    for start, end in chunks:
+        blocks = _block_view(flat, start, end, config.block_size, layout.numel)
+        # x * (1/absmax), clamped: the exact arithmetic of bitsandbytes' quantizer (b0 = 8)
+        scaled = torch.clamp(blocks * (1.0 / divisor[start:end].clamp(min=1e-38)).unsqueeze(1), -1, 1)
+        chunk_codes = nearest_level(scaled.reshape(-1), codebook)
+        codes[_byte_range(start, end, config)] = pack_codes(chunk_codes, config.bits)
     return _with_scales(config, tuple(weight.shape), codes, absmax)
 
 
@@ -411,11 +427,12 @@ def finite_absmax_blocks(weight: torch.Tensor, block_size: int) -> tuple[torch.T
 
 
 def _block_levels(
-    blocks: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None = None
+    blocks: torch.Tensor, divisor: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """codebook[nearest(clamp(x / absmax, -1, 1))] of every value (n, B0), times its
-    block's scale where `scales` are given, worked through in `SEARCH_CHUNK`s."""
-    inverse = 1.0 / absmax.clamp(min=1e-38)
+    """codebook[nearest(clamp(x / divisor, -1, 1))] of every value (n, B0), times its
+    block's scale where `scales` are given, worked through in `SEARCH_CHUNK`s. The
+    divisor is the block's exact absmax, or its stored scale (`codes_follow_scales`)."""
+    inverse = 1.0 / divisor.clamp(min=1e-38)
     out = torch.empty_like(blocks)
     for start, end in _chunks(blocks.shape[0], blocks.shape[1], SEARCH_CHUNK):
         scaled = torch.clamp(blocks[start:end] * inverse[start:end].unsqueeze(1), -1, 1)
@@ -441,13 +458,15 @@ def simulate(weight: torch.Tensor, config: NFConfig) -> torch.Tensor:
     the fast path for searches that only need the quantized values."""
     blocks, absmax = finite_absmax_blocks(weight, config.block_size)
     codebook = nf_codebook(config.bits, blocks.device)
-    values = _block_levels(blocks, absmax, codebook, simulated_scales(absmax, config)).view(-1)
-    return values[: weight.numel()].view(weight.shape)
+    scales = simulated_scales(absmax, config)
+    divisor = scales if config.codes_follow_scales else absmax
+    return _block_levels(blocks, divisor, codebook, scales).view(-1)[: weight.numel()].view(weight.shape)
 
 
 def scaled_levels(levels: torch.Tensor, absmax: torch.Tensor, config: NFConfig, shape: torch.Size) -> torch.Tensor:
-    """`simulate` of the input that `normalized_blocks` cut into (levels, absmax), for
-    any config with those code bits and block size; `levels` is left unchanged."""
+    """The levels that `normalized_blocks` chose against the exact absmaxes, times
+    `config`'s scales: `simulate` for a config with those code bits and block size
+    that codes against the absmax; `levels` is left unchanged."""
     values = (levels * simulated_scales(absmax, config).unsqueeze(1)).view(-1)
     return values[: shape.numel()].view(shape)
 
@@ -480,35 +499,48 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: i
 
 class NormalizedBlocks:
     """`SharedLevels` of the NF configs with one (b, B0): the input's blocks, their
-    exact absmaxes and every value's chosen level, from which each config's
-    quantization differs only by its scales.
+    exact absmaxes and every value's level chosen against them.
 
-    With e = x − m·v (m the exact absmax, v the chosen level) and d = m − s, the error
-    of block k under a config with scales s is E_k + 2·d_k·G_k + d_k²·C_k, where
-    E = Σ w·e², G = Σ w·e·v, C = Σ w·v²: every config priced in O(blocks)."""
+    A config that codes against the absmax differs from the others only by its
+    scales. With e = x − m·v (m the exact absmax, v the chosen level) and d = m − s,
+    its error on block k with scales s is E_k + 2·d_k·G_k + d_k²·C_k, where
+    E = Σ w·e², G = Σ w·e·v, C = Σ w·v²: priced in O(blocks). A config whose codes
+    follow its scales (`codes_follow_scales`) chooses its own levels against s: one
+    pass over the values each."""
 
     def __init__(self, blocks: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor) -> None:
         self.blocks, self.absmax, self.levels = blocks, absmax, levels
 
+    def _padded(self, weights: torch.Tensor) -> torch.Tensor:
+        flat = weights.reshape(-1)
+        return torch.nn.functional.pad(flat, (0, self.blocks.numel() - flat.numel())).view_as(self.blocks)
+
+    def _own_levels(self, config: NFConfig) -> torch.Tensor:
+        """s·codebook[nearest(x / s)] of every value (n, B0), s the config's scales."""
+        scales = simulated_scales(self.absmax, config)
+        return _block_levels(self.blocks, scales, nf_codebook(config.bits, self.blocks.device), scales)
+
     def errors(self, configs: Sequence[NFConfig], weights: torch.Tensor | None) -> list[float]:
         blocks, absmax, levels = self.blocks, self.absmax, self.levels
+        w = None if weights is None else self._padded(weights)
         diff = blocks - levels * absmax.unsqueeze(1)
-        if weights is None:
-            weighted_levels, weighted_diff = levels, diff
-        else:
-            flat = weights.reshape(-1)
-            w = torch.nn.functional.pad(flat, (0, blocks.numel() - flat.numel())).view_as(blocks)
-            weighted_levels, weighted_diff = levels * w, diff * w
+        weighted_levels, weighted_diff = (levels, diff) if w is None else (levels * w, diff * w)
         exact = (weighted_diff * diff).sum(dim=1).double()
         cross = (weighted_diff * levels).sum(dim=1).double()
         level_mass = (weighted_levels * levels).sum(dim=1).double()
         errors = []
         for config in configs:
+            if config.codes_follow_scales:
+                own = (blocks - self._own_levels(config)).square_()
+                errors.append(float((own if w is None else own.mul_(w)).sum(dim=1).double().sum()))
+                continue
             gap = (absmax - simulated_scales(absmax, config)).double()
             errors.append(float((exact + gap * (2 * cross + gap * level_mass)).sum()))
         return errors
 
     def values(self, config: NFConfig, shape: torch.Size) -> torch.Tensor:
+        if config.codes_follow_scales:
+            return self._own_levels(config).view(-1)[: shape.numel()].view(shape)
         return scaled_levels(self.levels, self.absmax, config, shape)
 
 
