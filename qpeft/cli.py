@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ins.add_argument("checkpoint", type=Path, help="a qpeft checkpoint directory")
     ins.add_argument("--matrices", action="store_true", help="also list every matrix: shape, config, bits, adapter")
+    ins.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead: bits_q and bits_total (the exact stored averages), ranks, configs",
+    )
 
     tr = sub.add_parser(
         "train",
@@ -320,12 +325,16 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from qpeft.io.checkpoint import is_checkpoint, read_manifest, verify_checkpoint
-    from qpeft.io.summary import format_type_table, type_table
+    from qpeft.io.summary import bit_averages, format_type_table, type_table
 
     if not is_checkpoint(args.checkpoint):
         raise QpeftError(f"{args.checkpoint} is not a qpeft checkpoint (no qpeft_manifest.json)")
     manifest = read_manifest(args.checkpoint)
     files, tensors = verify_checkpoint(args.checkpoint, manifest)
+    if args.json:
+        checked = {"checkpoint": str(args.checkpoint), "files_verified": files, "tensors_read": tensors}
+        print(json.dumps(checked | bit_averages(manifest)))
+        return
     s = manifest["summary"]
     base = manifest.get("base_model", {})
     size = _checkpoint_size(args.checkpoint)

@@ -344,3 +344,30 @@ def test_elementwise_fisher_prices_the_table(tiny_model_dir, tmp_path, capsys, m
     assert code == 0, err
     code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "a", *argv, "--fisher", plain, "--fisher-elementwise")
     assert_one_line_error(code, err, "has no full Fisher diagonal: make it with qpeft calibrate --fisher-elementwise")
+
+
+def test_inspect_json_gives_the_exact_stored_averages(tiny_model_dir, tmp_path, capsys):
+    """bits_q is every matrix's exact Q storage; bits_total adds each adapter tensor's
+    bytes as the shards hold them."""
+    from safetensors.torch import load_file
+
+    from qpeft.quant import storage_bits
+
+    out = tmp_path / "lq"
+    code, _, err = decompose(capsys, tiny_model_dir, out, "--budget", "3.5", "--rank", 3, "--no-fisher",
+                             "--rounding", "nearest", "--configs", SMALL_GRID)  # fmt: skip
+    assert code == 0, err
+    code, stdout, err = run(capsys, "inspect", out, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    matrices = read_manifest(out)["quantized"]
+    numel = sum(m["shape"][0] * m["shape"][1] for m in matrices.values())
+    q_bits = sum(storage_bits(parse_config(m["config"]), tuple(m["shape"])) for m in matrices.values())
+    tensors = {}
+    for shard in out.glob("*.safetensors"):
+        tensors |= load_file(shard)
+    adapter_bits = sum(8 * t.numel() * t.element_size() for key, t in tensors.items() if ".adapter." in key)
+    assert report["bits_q"] == pytest.approx(q_bits / numel, rel=1e-12) and report["bits_q"] <= 3.5
+    assert report["bits_total"] == pytest.approx((q_bits + adapter_bits) / numel, rel=1e-12)
+    assert report["ranks"] == dict.fromkeys(matrices, 3) and sum(report["configs"].values()) == len(matrices)
+    assert report["matrices"] == len(matrices) and report["budget"] == 3.5

@@ -112,3 +112,27 @@ def bits_heatmap(matrices: dict[str, Any], path: Path, title: str) -> None:
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def bit_averages(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The exact stored averages over a checkpoint's quantized matrices: `bits_q`
+    (Q's parts: codes, scales, offsets, padding) and `bits_total` (Q plus every
+    adapter tensor as stored: factors, values, position indices), in bits per
+    parameter of the matrices; with the budget, the adapter parameters, each
+    matrix's rank where it has one and how many matrices took each config."""
+    matrices = manifest["quantized"]
+    numel = sum(m["shape"][0] * m["shape"][1] for m in matrices.values())
+    q_bits = sum(m["bits"] * m["shape"][0] * m["shape"][1] for m in matrices.values())
+    adapter_bits = sum(m.get("adapter_bits", 0) for m in matrices.values())
+    ranks = {name: m["rank"] for name, m in matrices.items() if m.get("rank")}
+    return {
+        "method": manifest.get("method"),
+        "matrices": len(matrices),
+        "params": numel,
+        "bits_q": q_bits / numel,
+        "bits_total": (q_bits + adapter_bits) / numel,
+        "budget": manifest["summary"].get("budget"),
+        "adapter_params": sum(m.get("adapter_params", 0) for m in matrices.values()),
+        "ranks": ranks,
+        "configs": dict(Counter(m["config"] for m in matrices.values()).most_common()),
+    }
