@@ -132,19 +132,22 @@ def matrix_costs(
         )
         residual = w - anchor.left @ anchor.right if rank else w
         levels = members[0].shared_levels(residual)
-        costs[group] = levels.errors(members, weights)
         if rank == 0:
+            costs[group] = levels.errors(members, weights)
             continue
         start = row_space(anchor.right, col_weight)
         shared: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
         for j, config in sorted(zip(group, members, strict=True), key=lambda item: item[1].fit_order):
-            target = w - levels.values(config, w.shape)
+            quantized = levels.values(config, w.shape)
+            target = w - quantized
             if config.fit_key not in shared:
                 shared[config.fit_key] = lowrank_factors(
                     target, rank, row_weight, col_weight, step_generator, start, power_iters=0
                 )
             left, right = fits[j] = shared[config.fit_key]
-            costs[j] = min(costs[j], price(target - left @ right))
+            # priced from the values the fit needs anyway: Q(W − L1·L2) on the anchor's
+            # factors, then on this config's one-step fit
+            costs[j] = min(price(residual - quantized), price(target - left @ right))
     if rank == 0 or refine_iters == 0:
         return costs
     bits = np.array([c.bits_per_param for c in configs])
