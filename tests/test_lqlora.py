@@ -85,3 +85,34 @@ def test_rank_zero_is_plain_quantization():
     result = lq_decompose(w, parse_config("nf4"), rank=0)
     assert result.iterations == 0 and result.left.shape == (64, 0)
     assert torch.equal(dequantize(result.quantized), dequantize(quantize(w, parse_config("nf4"))))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gptq_split_refits_the_factors_to_what_gptq_left(weighted, monkeypatch):
+    """After GPTQ rounds Q, L1·L2 is refit to W − Q: the (Fisher-weighted) error of
+    the stored split is at most that of the alternation's factors, and lower here."""
+    from qpeft.calibration.activations import InputGrams
+    from qpeft.calibration.fisher import FisherStats
+    from qpeft.methods.lqlora import LQLoRA
+
+    g = torch.Generator().manual_seed(5)
+    rows, cols, rank = 48, 128, 4
+    weight = torch.randn(rows, cols, generator=g) * 0.02 + 0.01 * torch.randn(rows, 4, generator=g) @ torch.randn(
+        4, cols, generator=g
+    )
+    x = torch.randn(512, cols, generator=g) * torch.rand(cols, generator=g).add(0.2)
+    grams = InputGrams({"w": (x.T @ x).double()}, {"w": "w"}, 512)
+    fisher = None
+    if weighted:
+        fisher = FisherStats({"w": torch.rand(rows, generator=g) + 0.2}, {"w": torch.rand(cols, generator=g) + 0.2})
+    method = LQLoRA(rank, fisher, rounding="gptq", grams=grams)
+    row, col = method._weights("w", weight.device)
+    config = parse_config("nf3-b64-s4x64-fp16")
+    split = method.split("w", weight, config)
+    refit_error = weighted_error(weight - dequantize(split.quantized) - split.adapter.delta_weight(), row, col)
+    monkeypatch.setattr(LQLoRA, "_refit", lambda *args: None)
+    kept = method.split("w", weight, config)
+    kept_error = weighted_error(weight - dequantize(kept.quantized) - kept.adapter.delta_weight(), row, col)
+    assert torch.equal(kept.quantized.parts["codes"], split.quantized.parts["codes"])  # the same Q
+    assert refit_error < 0.99 * kept_error
+    assert split.report["refit_error_ratio"] == pytest.approx(refit_error / kept_error, rel=1e-4)
