@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from qpeft.quant import QuantConfig, QuantizedTensor
+from qpeft.quant.gptq import GPTQSolver
 
 if TYPE_CHECKING:
+    from qpeft.calibration.activations import InputGrams
     from qpeft.stages.decompose import DecomposeRequest
 
 ADAPTER_DTYPE = torch.bfloat16  # L1/L2 and WHT values are stored (and trained) in bf16
@@ -32,6 +34,23 @@ class Split:
     quantized: QuantizedTensor
     adapter: nn.Module | None = None
     report: dict[str, Any] = field(default_factory=dict)
+
+
+class GPTQSolvers:
+    """GPTQ's solvers (`qpeft.quant.gptq`) of the layer inputs' XᵀX for the methods
+    that round Q by GPTQ, the last one kept: the matrices that read one input come one
+    after another (q, k, v; gate, up), so each input's solver is built once."""
+
+    def __init__(self, grams: InputGrams) -> None:
+        self.grams = grams
+        self._last: tuple[str, GPTQSolver] | None = None
+
+    def __call__(self, name: str, device: torch.device) -> GPTQSolver:
+        """The solver of the input that matrix `name` reads."""
+        key = self.grams.owner.get(name, name)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, GPTQSolver(self.grams.gram(name).to(device)))
+        return self._last[1]
 
 
 class Method(Protocol):

@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from qpeft.allocation.costs import group_configs
+from qpeft.allocation.costs import group_configs, scale_format_errors
 from qpeft.calibration.activations import InputGrams
-from qpeft.methods.base import Method, MethodPlugin, Needs, Split
+from qpeft.methods.base import GPTQSolvers, Method, MethodPlugin, Needs, Split
 from qpeft.quant import QuantConfig
-from qpeft.quant.gptq import GPTQSolver
 
 if TYPE_CHECKING:
     from qpeft.stages.decompose import DecomposeRequest
@@ -36,8 +35,7 @@ def uniform_costs(weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarr
     w = weight.float()
     costs = np.empty(len(grid))
     for group in group_configs(grid):
-        members = [grid[j] for j in group]
-        costs[group] = members[0].shared_levels(w).errors(members, None)
+        costs[group] = scale_format_errors(w, [grid[j] for j in group])
     return costs
 
 
@@ -47,18 +45,18 @@ class Uniform:
 
     grams: InputGrams
     rank: int = 0
-    _gptq_cache: tuple[str, GPTQSolver] | None = field(default=None, init=False, repr=False, compare=False)
+    _gptq: GPTQSolvers = field(init=False, repr=False, compare=False)
     name = "uniform"
     split_only: ClassVar[tuple[str, ...]] = ("grams",)
+
+    def __post_init__(self) -> None:
+        self._gptq = GPTQSolvers(self.grams)
 
     def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray:
         return uniform_costs(weight, grid)
 
     def split(self, name: str, weight: torch.Tensor, config: QuantConfig) -> Split:
-        key = self.grams.owner.get(name, name)  # q, k, v (gate, up) read one input: one solver
-        if self._gptq_cache is None or self._gptq_cache[0] != key:
-            self._gptq_cache = (key, GPTQSolver(self.grams.gram(name).to(weight.device)))
-        return Split(self._gptq_cache[1].quantize(weight.float(), config), report={"rank": 0})
+        return Split(self._gptq(name, weight.device).quantize(weight.float(), config), report={"rank": 0})
 
     def calibrations(self) -> dict[str, Any]:
         return {"fisher": None, "grams": self.grams}

@@ -79,8 +79,8 @@ def check_base_matches(recipe: Recipe, previous: Path) -> None:
     if not previous.is_file():
         raise QpeftError(f"{base} was not made by a qpeft training run (no {previous}): choose another output_dir")
     body = json.loads(previous.read_text())
-    earlier = base_request(Recipe(model=body["model"], method=method_section(body["method"], lenient=True)), base)
-    earlier = earlier.command()
+    previous_recipe = Recipe(model=body["model"], method=method_section(body["method"], lenient=True))
+    earlier = base_request(previous_recipe, base).command()
     if earlier != base_request(recipe, base).command():
         raise QpeftError(
             f"{base} was made by another recipe (qpeft {' '.join(earlier)}; see {previous}): "

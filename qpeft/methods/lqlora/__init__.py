@@ -64,12 +64,11 @@ from qpeft.allocation.ilp import REFINED_SETS
 from qpeft.calibration.activations import InputGrams
 from qpeft.calibration.fisher import FisherStats
 from qpeft.errors import QpeftError
-from qpeft.methods.base import ADAPTER_DTYPE, Method, MethodPlugin, Needs, Split
+from qpeft.methods.base import ADAPTER_DTYPE, GPTQSolvers, Method, MethodPlugin, Needs, Split
 from qpeft.methods.lowrank import lowrank_factors
 from qpeft.methods.lqlora.alternation import alternate, lq_decompose, row_space, weighted_error
 from qpeft.modules.adapters import LowRankAdapter
 from qpeft.quant import QuantConfig, dequantize, simulate
-from qpeft.quant.gptq import GPTQSolver
 
 if TYPE_CHECKING:
     from qpeft.stages.decompose import DecomposeRequest
@@ -195,7 +194,7 @@ class LQLoRA:
     refine: str = "hull"  # the configs of each matrix whose costs get refined: hull or front
     rounding: str = "nearest"
     grams: InputGrams | None = None  # XᵀX per layer input, for gptq rounding
-    _gptq_cache: tuple[str, GPTQSolver] | None = field(default=None, init=False, repr=False, compare=False)
+    _gptq: GPTQSolvers | None = field(default=None, init=False, repr=False, compare=False)
     name = "lqlora"
     split_only: ClassVar[tuple[str, ...]] = ("rounding", "grams")
 
@@ -204,20 +203,14 @@ class LQLoRA:
             raise QpeftError(f"unknown rounding {self.rounding!r}: choose {' or '.join(ROUNDINGS)}")
         if self.rounding == "gptq" and self.grams is None:
             raise QpeftError("gptq rounding needs the calibration activations (XᵀX)")
+        if self.grams is not None:
+            self._gptq = GPTQSolvers(self.grams)
 
     def _weights(self, name: str, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.fisher is None:
             return None, None
         row, col = self.fisher.weights(name)
         return row.to(device), col.to(device)
-
-    def _gptq_solver(self, name: str, device: torch.device) -> GPTQSolver:
-        """The solver of the input `name` reads, kept for the next matrix that reads
-        it too (they come one after another: q, k, v; gate, up)."""
-        key = self.grams.owner.get(name, name)
-        if self._gptq_cache is None or self._gptq_cache[0] != key:
-            self._gptq_cache = (key, GPTQSolver(self.grams.gram(name).to(device)))
-        return self._gptq_cache[1]
 
     def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray:
         row, col = self._weights(name, weight.device)
@@ -247,7 +240,7 @@ class LQLoRA:
         if self.rounding == "gptq":
             # round what Q must carry given L1·L2 as stored (bf16)
             target = weight if split.adapter is None else weight - split.adapter.delta_weight()
-            split.quantized = self._gptq_solver(name, weight.device).quantize(target, config)
+            split.quantized = self._gptq(name, weight.device).quantize(target, config)
             if split.adapter is not None:
                 self._refit(weight, split, row, col)
         if row is not None:
