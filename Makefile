@@ -41,8 +41,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check qpeft calib tests tools
-	$(VENV)/bin/ruff format --check qpeft calib tests tools
+	$(VENV)/bin/ruff check qpeft tests tools
+	$(VENV)/bin/ruff format --check qpeft tests tools
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -122,8 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     target = dec.add_mutually_exclusive_group(required=True)
     target.add_argument("--budget", help="average bits per parameter of Q, e.g. 2.75bits or 2.75")
+    target.add_argument(
+        "--total-budget",
+        help="average bits per parameter of everything stored for the selected matrices: Q plus the adapter "
+        "in its stored dtype (bf16), e.g. 3.25",
+    )
     target.add_argument("--config", help="one config for every matrix (a preset such as nf3, or a full name)")
-    dec.add_argument(
+    ranks = dec.add_mutually_exclusive_group()
+    ranks.add_argument(
         "--rank",
         type=int,
         default=None,
@@ -131,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = no adapter (default: "
         + ", ".join(f"{plugin.default_rank} for {plugin.name}" for plugin in METHODS.values())
         + ")",
+    )
+    ranks.add_argument(
+        "--ranks",
+        default=None,
+        help="with --total-budget, candidate ranks, e.g. 0,4,8,16,32,64: the ILP picks each matrix's "
+        "(config, rank) pair jointly",
     )
     dec.add_argument(
         "--calib",
@@ -268,6 +280,15 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: Fisher {what} of {len(result.stats.row_mean)} matrices ({how})")
 
 
+def _budget_text(summary: dict) -> str | None:
+    """'budget 2.75' or 'total budget 3.25' of a checkpoint's summary; None if it has neither."""
+    if summary.get("total_budget") is not None:
+        return f"total budget {summary['total_budget']:g}"
+    if summary.get("budget") is not None:
+        return f"budget {summary['budget']:g}"
+    return None
+
+
 def cmd_decompose(args: argparse.Namespace) -> None:
     from qpeft.io.summary import format_type_table
     from qpeft.methods import foreign_flags, method_plugin
@@ -282,8 +303,10 @@ def cmd_decompose(args: argparse.Namespace) -> None:
         return
     s = manifest["summary"]
     print(format_type_table(manifest["by_type"]))
-    budget = s.get("budget")
-    target = f"config {manifest['settings']['grid'][0]}" if budget is None else f"budget {budget:g}"
+    target = _budget_text(s) or f"config {manifest['settings']['grid'][0]}"
+    ranks = sorted({m.get("rank", 0) for m in manifest["quantized"].values()})
+    if len(manifest["settings"]["ranks"]) > 1:
+        target += f"; ranks chosen {','.join(map(str, ranks))}"
     line = (
         f"wrote {args.out} ({_checkpoint_size(args.out)}): "
         f"{s['matrices']} matrices, Q {s['bits_per_param']:.4f} bits/param ({target}); "
@@ -339,7 +362,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     base = manifest.get("base_model", {})
     size = _checkpoint_size(args.checkpoint)
     print(f"checkpoint    {args.checkpoint} (schema {manifest['schema_version']}, {size} on disk)")
-    print(f"method        {manifest.get('method')}" + (f", budget {s['budget']:g}" if s.get("budget") else ""))
+    budget = _budget_text(s)
+    print(f"method        {manifest.get('method')}" + (f", {budget}" if budget else ""))
     print(f"base model    {base.get('source') or base.get('path')}")
     print(f"matrices      {s['matrices']} ({s['params']:,} parameters)")
     print(f"Q bits/param  {s['bits_per_param']:.4f}")

@@ -192,8 +192,48 @@ ROWS: list[BadInput] = [
     _row(
         "budget above every config",
         f"decompose {{tiny}} --budget 9 --rank 4 --configs nf2,nf3 {_NOCAL} --out {{tmp}}/o",
-        "budget 9 bits/param is more than the configs can use (at most 3.1372, every matrix at its costliest config): give a budget up to 3.1372, or --config for one config everywhere",
+        "budget 9 bits/param is more than the configs can use (at most 3.1372, every matrix at its costliest): give a budget up to 3.1372, or --config for one config everywhere",
         10,
+    ),
+    _row(
+        "unreadable --ranks",
+        f"decompose {{tiny}} --total-budget 4 --ranks 0,4x --configs nf2,nf3 {_NOCAL} --out {{tmp}}/o",
+        "--ranks: cannot read '4x' as a rank: give ranks of 0 or more, comma-separated, e.g. 0,8,16",
+    ),
+    _row(
+        "repeated --ranks",
+        f"decompose {{tiny}} --total-budget 4 --ranks 2,2 --configs nf2,nf3 {_NOCAL} --out {{tmp}}/o",
+        "--ranks: rank 2 is listed twice",
+    ),
+    _row(
+        "--ranks without a total budget",
+        f"decompose {{tiny}} --budget 3 --ranks 0,4 --configs nf2,nf3 {_NOCAL} --out {{tmp}}/o",
+        "--ranks needs --total-budget: under --budget (bits of Q only) or --config the adapter's bits are not counted, and the largest rank would always win",
+    ),
+    _row(
+        "unreadable total budget",
+        f"decompose {{tiny}} --total-budget much --rank 4 --configs nf2,nf3 {_NOCAL} --out {{tmp}}/o",
+        "cannot read the total budget 'much': give bits per parameter, e.g. 2.75 or 2.75bits",
+    ),
+    _row(
+        "total budget below every pair",
+        f"decompose {{tiny}} --total-budget 1.5 --ranks 0,4 --configs nf2,nf3 {_NOCAL} --out {{tmp}}/o",
+        "total budget 1.5 bits/param is infeasible: the (config, rank) pairs allow averages from 2.1372 to 4.9149",
+    ),
+    _row(
+        "total budget below the rank's adapter",
+        f"decompose {{tiny}} --total-budget 2.1 --rank 4 --configs nf2,nf3 {_NOCAL} --out {{tmp}}/o",
+        "total budget 2.1 bits/param is infeasible: the configs at rank 4 allow averages from 3.9149 to 4.9149",
+    ),
+    _row(
+        "total budget above every pair",
+        f"decompose {{tiny}} --total-budget 40 --ranks 0,4 --configs nf2,nf3 {_NOCAL} --out {{tmp}}/o",
+        "total budget 40 bits/param is more than the (config, rank) pairs can use (at most 4.9149, every matrix at its costliest): give a total budget up to 4.9149, or --config for one config everywhere",
+    ),
+    _row(
+        "--ranks too large",
+        f"decompose {{tiny}} --total-budget 4 --ranks 0,4096 --configs nf2,nf3 {_NOCAL} --out {{tmp}}/o",
+        "--ranks 4096 is too large for model.layers.0.self_attn.k_proj (32×64): a low-rank L1·L2 has rank at most 32",
     ),
     _row(
         "budget below every config",
@@ -208,7 +248,7 @@ ROWS: list[BadInput] = [
     _row(
         "--config with --configs",
         f"decompose {{tiny}} --config nf3 --configs nf3,nf4 {_NOCAL} --out {{tmp}}/o",
-        "--configs lists the ILP's candidates for --budget; --config puts every matrix under one config: give one of them",
+        "--configs lists the ILP's candidates for a budget; --config puts every matrix under one config: give one of them",
         10,
     ),
     _row(

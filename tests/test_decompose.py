@@ -371,3 +371,68 @@ def test_inspect_json_gives_the_exact_stored_averages(tiny_model_dir, tmp_path, 
     assert report["bits_total"] == pytest.approx((q_bits + adapter_bits) / numel, rel=1e-12)
     assert report["ranks"] == dict.fromkeys(matrices, 3) and sum(report["configs"].values()) == len(matrices)
     assert report["matrices"] == len(matrices) and report["budget"] == 3.5
+
+
+def test_total_budget_with_ranks_picks_config_and_rank_jointly(tiny_model_dir, tmp_path, capsys):
+    """--total-budget --ranks: one binary per (config, rank) pair; the checkpoint holds
+    what the program chose, every matrix's adapter costs the bits the program counted,
+    and the total average meets the budget."""
+    from qpeft.allocation.cost_table import load_cost_table, storage_bits_table
+    from qpeft.allocation.ilp import ilp_allocate
+    from qpeft.methods import METHODS
+
+    out = tmp_path / "joint"
+    code, stdout, err = decompose(capsys, tiny_model_dir, out, "--total-budget", "4.5", "--ranks", "4,0,2",
+                                  "--no-fisher", "--rounding", "nearest", "--configs", SMALL_GRID)  # fmt: skip
+    assert code == 0, err
+    assert "total budget 4.5; ranks chosen" in stdout
+    manifest = read_manifest(out)
+    matrices, summary = manifest["quantized"], manifest["summary"]
+    assert manifest["settings"]["ranks"] == [0, 2, 4] and summary["total_budget"] == 4.5
+    assert summary["budget"] is None
+    assert summary["bits_with_adapter"] <= 4.5 and summary["bits_with_adapter"] == pytest.approx(
+        summary["ilp_average_bits"], rel=1e-12
+    )
+    plugin = METHODS["lqlora"]
+    for m in matrices.values():
+        assert m["adapter_bits"] == plugin.adapter_bits(m["rank"], tuple(m["shape"]))
+        assert (m["adapter"] is None) == (m["rank"] == 0)
+    # the program solved again from the stored table picks the same pair for each matrix
+    grid = [parse_config(c) for c in SMALL_GRID.split(",")]
+    table = json.loads((out / "cost_table.json").read_text())
+    assert table["ranks"] == [0, 2, 4] and len(table["matrices"][0]["costs"]) == 3 * len(grid)
+    names = [row["name"] for row in table["matrices"]]
+    shapes = [tuple(row["shape"]) for row in table["matrices"]]
+    costs = [row["costs"] for row in table["matrices"]]
+    bits = storage_bits_table(grid, shapes, [0, 2, 4], plugin.adapter_bits)
+    choice = ilp_allocate(costs, bits, [r * c for r, c in shapes], 4.5).choice
+    picked = {n: (grid[k % len(grid)].name, [0, 2, 4][k // len(grid)]) for n, k in zip(names, choice, strict=True)}
+    assert picked == {n: (m["config"], m["rank"]) for n, m in matrices.items()}
+    assert summary["ilp_objective"] == pytest.approx(sum(m["table_cost"] for m in matrices.values()), rel=1e-9)
+    assert len({m["rank"] for m in matrices.values()}) > 1  # this budget makes rank pay in some matrices only
+    code, stdout, err = run(capsys, "inspect", out, "--json")
+    report = json.loads(stdout)
+    assert report["total_budget"] == 4.5 and report["ranks"] == {n: m["rank"] for n, m in matrices.items()}
+    assert report["bits_total"] == pytest.approx(summary["bits_with_adapter"], rel=1e-12)
+    # the table of a joint run is reusable only by the same ranks
+    again = ["--total-budget", "4.5", "--rank", "2", "--no-fisher", "--rounding", "nearest", "--configs", SMALL_GRID]
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "r", *again, "--costs", out)
+    assert_one_line_error(code, err, "was computed with other ranks")
+    assert load_cost_table(out, _settings_of(manifest)).ranks == [0, 2, 4]
+
+
+def _settings_of(manifest):
+    from qpeft.allocation.cost_table import DecomposeSettings
+
+    keys = ("model", "targets", "grid", "ranks", "method", "method_settings")
+    return DecomposeSettings(**{k: manifest["settings"][k] for k in keys})
+
+
+def test_total_budget_counts_the_adapter_at_one_rank(tiny_model_dir, tmp_path, capsys):
+    """--total-budget with one --rank: Q gets what the adapter leaves."""
+    args = ["--rank", "4", "--no-fisher", "--rounding", "nearest", "--configs", SMALL_GRID]
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "t", "--total-budget", "4.5", *args)
+    assert code == 0, err
+    summary = read_manifest(tmp_path / "t")["summary"]
+    assert summary["bits_with_adapter"] <= 4.5 < summary["bits_with_adapter"] + 0.5
+    assert summary["bits_per_param"] < summary["bits_with_adapter"] - 0.5  # rank 4 costs over half a bit here

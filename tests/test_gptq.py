@@ -108,6 +108,6 @@ def test_lqlora_rounding_settings_are_checked():
     from qpeft.methods.lqlora import LQLoRA
 
     with pytest.raises(QpeftError, match="gptq rounding needs the calibration activations"):
-        LQLoRA(8, rounding="gptq")
+        LQLoRA(rounding="gptq")
     with pytest.raises(QpeftError, match="unknown rounding 'stochastic': choose nearest or gptq"):
-        LQLoRA(8, rounding="stochastic")
+        LQLoRA(rounding="stochastic")

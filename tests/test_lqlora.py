@@ -1,5 +1,6 @@
 """LQ-LoRA single-matrix decomposition: randomized SVD and the alternating split."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,14 +106,41 @@ def test_gptq_split_refits_the_factors_to_what_gptq_left(weighted, monkeypatch):
     fisher = None
     if weighted:
         fisher = FisherStats({"w": torch.rand(rows, generator=g) + 0.2}, {"w": torch.rand(cols, generator=g) + 0.2})
-    method = LQLoRA(rank, fisher, rounding="gptq", grams=grams)
+    method = LQLoRA(fisher, rounding="gptq", grams=grams)
     row, col = method._weights("w", weight.device)
     config = parse_config("nf3-b64-s4x64-fp16")
-    split = method.split("w", weight, config)
+    split = method.split("w", weight, config, rank)
     refit_error = weighted_error(weight - dequantize(split.quantized) - split.adapter.delta_weight(), row, col)
     monkeypatch.setattr(LQLoRA, "_refit", lambda *args: None)
-    kept = method.split("w", weight, config)
+    kept = method.split("w", weight, config, rank)
     kept_error = weighted_error(weight - dequantize(kept.quantized) - kept.adapter.delta_weight(), row, col)
     assert torch.equal(kept.quantized.parts["codes"], split.quantized.parts["codes"])  # the same Q
     assert refit_error < 0.99 * kept_error
     assert split.report["refit_error_ratio"] == pytest.approx(refit_error / kept_error, rel=1e-4)
+
+
+@pytest.mark.parametrize("zero", ["row", "column", "all"])
+def test_a_zero_fisher_row_or_column_is_floored(zero):
+    """A row or column that no calibration gradient reached (F = 0) must not divide
+    by zero: costs and split stay finite, and the split stays as good as unweighted."""
+    from qpeft.calibration.fisher import FisherStats
+    from qpeft.methods.lqlora import LQLoRA
+    from qpeft.quant import parse_config
+
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(48, 64, generator=g) * 0.02
+    row, col = torch.rand(48, generator=g) + 0.5, torch.rand(64, generator=g) + 0.5
+    if zero in ("row", "all"):
+        row[5] = 0.0
+    if zero in ("column", "all"):
+        col[7] = 0.0
+    if zero == "all":
+        row.zero_()
+    method = LQLoRA(FisherStats({"w": row}, {"w": col}), rounding="nearest")
+    configs = [parse_config("nf3-b64-s8x256-fp16"), parse_config("nf4-b64-s8x256-fp16")]
+    costs = method.costs("w", weight, configs, 4)
+    assert np.isfinite(costs).all() and (costs >= 0).all()
+    split = method.split("w", weight, configs[0], 4)
+    recon = dequantize(split.quantized) + split.adapter.delta_weight()
+    assert torch.isfinite(recon).all()
+    assert float(torch.linalg.norm(weight - recon) / torch.linalg.norm(weight)) < 0.3

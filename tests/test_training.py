@@ -237,3 +237,29 @@ def test_a_base_made_by_another_recipe_is_not_reused(tiny_model_dir, train_text,
     code, _, err = run(capsys, "train", recipe, "--resume", "--set", "method.config=nf3", "--set", "train.steps=2")
     assert_one_line_error(code, err, "was made by another recipe (qpeft quantize")
     assert (tmp_path / "o" / "base" / "qpeft_manifest.json").read_bytes() == before
+
+
+def test_a_joint_rank_base_trains_each_matrix_at_its_own_rank(tiny_model_dir, train_text, tmp_path):
+    """method.total_budget with method.ranks: the base's ILP gives matrices different
+    ranks (0: no adapter); training updates each adapter at its rank and leaves the
+    rank-0 matrices without one."""
+    method = {"name": "lqlora", "total_budget": 4.5, "ranks": "0,2,4", "fisher": False}
+    path = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_text, tmp_path / "j", method=method,
+                        train={"steps": 2, "save_every": None})  # fmt: skip
+    body = yaml.safe_load(path.read_text())
+    del body["method"]["rank"]
+    path.write_text(yaml.safe_dump(body))
+    trainer.train(load_recipe(path), progress=False)
+    base = read_manifest(tmp_path / "j" / "base")
+    assert base["summary"]["bits_with_adapter"] <= 4.5
+    ranks = {name: m["rank"] for name, m in base["quantized"].items()}
+    assert len(set(ranks.values())) > 1, ranks
+    trained = read_manifest(tmp_path / "j" / "model")["quantized"]
+    for name, rank in ranks.items():
+        assert trained[name].get("rank", 0) == rank and (trained[name]["adapter"] is None) == (rank == 0)
+    before = {}
+    for shard in (tmp_path / "j" / "base").glob("*.safetensors"):
+        before |= {k: v for k, v in load_file(shard).items() if ".adapter." in k}
+    after = _final_adapters(tmp_path / "j")
+    assert set(after) == set(before) and {k.split(".adapter.")[0] for k in before} == {n for n, r in ranks.items() if r}
+    assert any(not torch.equal(before[k].float(), after[k].float()) for k in before), "training changed no adapter"

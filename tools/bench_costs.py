@@ -125,10 +125,10 @@ def refine_sets(method_name: str, rank: int, grid: list, layer_stride: int, budg
 
     model_dir = resolve_model(None)
     if method_name == "qwha":
-        method = QWHA(rank, calibrate_activations(model_dir, DEFAULT_TARGETS)[0])
+        method = QWHA(calibrate_activations(model_dir, DEFAULT_TARGETS)[0])
         selected = set(method.grams.owner)
     else:
-        method = LQLoRA(rank, calibrate(model_dir, DEFAULT_TARGETS)[0])
+        method = LQLoRA(calibrate(model_dir, DEFAULT_TARGETS)[0])
         selected = set(method.fisher.row_mean)
     bits = np.array([c.bits_per_param for c in grid])
     tables: dict[str, list[np.ndarray]] = {"hull": [], "front": []}
@@ -142,7 +142,7 @@ def refine_sets(method_name: str, rank: int, grid: list, layer_stride: int, budg
         numel.append(w.numel())
         for refine in tables:
             start = time.perf_counter()
-            tables[refine].append(dataclasses.replace(method, refine=refine).costs(name, w, grid))
+            tables[refine].append(dataclasses.replace(method, refine=refine).costs(name, w, grid, rank))
             seconds[refine] += time.perf_counter() - start
         print(f"{name:<34} hull {seconds['hull']:7.1f} s  front {seconds['front']:7.1f} s", flush=True)
     weighting = "output error" if method_name == "qwha" else "Fisher-weighted"

@@ -1,5 +1,7 @@
-"""The cost table: cost(matrix, config) for every selected matrix and candidate
-config, computed by the method's `costs` and kept so that a crash loses nothing.
+"""The cost table: cost(matrix, (rank, config)) for every selected matrix, candidate
+rank and candidate config, computed by the method's `costs` and kept so that a crash
+loses nothing. Column k of a row is rank ranks[k // C] with config grid[k % C] (C
+configs): one rank gives the paper's matrices × configs table.
 
 Rows are appended to `OUT.work/costs-RANK.jsonl` as they finish, so `--resume` after
 a crash skips finished matrices. Under torch.distributed (torchrun / accelerate
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ class DecomposeSettings:
     model: str  # fingerprint of the model's weights
     targets: list[str]
     grid: list[str]  # config names
+    ranks: list[int]  # the adapter ranks priced with every config
     method: str
     method_settings: dict[str, Any]  # the method's own, its calibration's identity included
 
@@ -66,7 +69,8 @@ class CostTable:
     names: list[str]
     shapes: list[tuple[int, int]]
     configs: list[str]
-    costs: np.ndarray  # matrices × configs
+    ranks: list[int]
+    costs: np.ndarray  # matrices × (ranks · configs), rank-major
     seconds: float = 0.0
     resumed: int = 0  # matrices found finished in the work directory
     settings: dict[str, Any] = field(default_factory=dict)
@@ -180,7 +184,7 @@ def compute_cost_table(
         while (index := counter.next()) < len(todo):
             name = todo[index]
             w = weights.tensor(f"{name}.weight").to(device).float()
-            costs = method.costs(name, w, grid)
+            costs = np.concatenate([method.costs(name, w, grid, rank) for rank in settings.ranks])
             out.write(json.dumps({"name": name, "shape": list(w.shape), "costs": costs.tolist()}) + "\n")
             out.flush()
             os.fsync(out.fileno())
@@ -199,6 +203,7 @@ def compute_cost_table(
         list(names),
         [tuple(rows[n]["shape"]) for n in names],
         [c.name for c in grid],
+        list(settings.ranks),
         np.array([rows[n]["costs"] for n in names]),
         time.perf_counter() - start,
         sum(n in finished for n in names),
@@ -210,6 +215,7 @@ def save_cost_table(path: Path, table: CostTable) -> None:
     body = {
         "settings": table.settings,
         "configs": table.configs,
+        "ranks": table.ranks,
         "matrices": [
             {"name": n, "shape": list(s), "costs": c.tolist()}
             for n, s, c in zip(table.names, table.shapes, table.costs, strict=True)
@@ -238,11 +244,25 @@ def load_cost_table(path: Path, settings: DecomposeSettings) -> CostTable:
         [r["name"] for r in rows],
         [tuple(r["shape"]) for r in rows],
         body["configs"],
+        body["ranks"],
         np.array([r["costs"] for r in rows]),
         settings=body["settings"],
     )
 
 
-def storage_bits_table(grid: Sequence[QuantConfig], shapes: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Exact stored bits per parameter (padding and offsets included), matrices × configs."""
-    return np.array([[storage_bits(c, shape) / (shape[0] * shape[1]) for c in grid] for shape in shapes])
+def storage_bits_table(
+    grid: Sequence[QuantConfig],
+    shapes: Sequence[tuple[int, int]],
+    ranks: Sequence[int] = (0,),
+    adapter_bits: Callable[[int, tuple[int, int]], int] | None = None,
+) -> np.ndarray:
+    """Exact stored bits per parameter of every cost-table column, matrices × (ranks ·
+    configs): Q's (padding and offsets included), plus with `adapter_bits` (the
+    method's, `MethodPlugin.adapter_bits`) the adapter's at the column's rank."""
+    rows = []
+    for shape in shapes:
+        numel = shape[0] * shape[1]
+        q_bits = np.array([storage_bits(c, shape) for c in grid], dtype=np.float64)
+        extra = [0 if adapter_bits is None else adapter_bits(rank, shape) for rank in ranks]
+        rows.append(np.concatenate([(q_bits + bits) / numel for bits in extra]))
+    return np.array(rows)

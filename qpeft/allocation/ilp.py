@@ -1,7 +1,10 @@
 """Choosing one quantization config per matrix under a bit budget (LQ-LoRA §3.2).
 
-Binary x[i, j] = matrix i uses config j. Minimise Σ cost[i, j]·x[i, j] subject to
-Σ_j x[i, j] = 1 for every matrix and Σ bits[j]·numel[i]·x[i, j] ≤ budget·Σ numel[i].
+Binary x[i, j] = matrix i uses choice j. Minimise Σ cost[i, j]·x[i, j] subject to
+Σ_j x[i, j] = 1 for every matrix and Σ bits[i, j]·numel[i]·x[i, j] ≤ budget·Σ numel[i].
+A choice is a config (the paper's program, bits of Q only) or a (config, rank) pair
+whose bits count the adapter as stored (`--total-budget --ranks`): one binary per
+pair, so quantization levels and ranks are chosen together, exactly.
 
 Solved with pulp's bundled CBC (no Gurobi). Before solving, each matrix keeps only
 its Pareto-optimal configs: a config that another config beats or ties in both bits
@@ -20,18 +23,57 @@ import numpy as np
 from qpeft.errors import QpeftError
 
 
-def parse_budget(text: str | float) -> float:
-    """'2.75bits', '2.75' or 2.75 → 2.75 (average bits per parameter)."""
+def parse_budget(text: str | float, what: str = "budget") -> float:
+    """'2.75bits', '2.75' or 2.75 → 2.75 (average bits per parameter); `what` names it in errors."""
     if isinstance(text, int | float):
         value = float(text)
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:bits?)?\s*", text)
         if not match:
-            raise QpeftError(f"cannot read the budget {text!r}: give bits per parameter, e.g. 2.75 or 2.75bits")
+            raise QpeftError(f"cannot read the {what} {text!r}: give bits per parameter, e.g. 2.75 or 2.75bits")
         value = float(match.group(1))
     if value <= 0:
-        raise QpeftError(f"the budget must be positive, got {value}")
+        raise QpeftError(f"the {what} must be positive, got {value}")
     return value
+
+
+def parse_ranks(text: str | Sequence[int], what: str = "--ranks") -> list[int]:
+    """'0,4,8' or [0, 4, 8] → [0, 4, 8]: distinct ranks ≥ 0, sorted."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    ranks = []
+    for item in items:
+        value = item.strip() if isinstance(item, str) else item
+        if isinstance(value, str) and not re.fullmatch(r"\d+", value):
+            raise QpeftError(
+                f"{what}: cannot read {value!r} as a rank: give ranks of 0 or more, comma-separated, e.g. 0,8,16"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | str) or int(value) < 0:
+            raise QpeftError(f"{what}: ranks must be integers of 0 or more, got {value!r}")
+        ranks.append(int(value))
+    if not ranks:
+        raise QpeftError(f"{what}: give at least one rank, e.g. 0,8,16")
+    repeated = sorted({r for r in ranks if ranks.count(r) > 1})
+    if repeated:
+        raise QpeftError(f"{what}: rank {repeated[0]} is listed twice")
+    return sorted(ranks)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A bit budget: the average bits per parameter of Q over the selected matrices
+    (`--budget`, LQ-LoRA's convention), or with `total` of everything stored for
+    them, Q plus the adapter in its stored dtype (`--total-budget`)."""
+
+    bits: float
+    total: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--total-budget" if self.total else "--budget"
+
+    @property
+    def label(self) -> str:
+        return f"{'total budget' if self.total else 'budget'} {self.bits:g}"
 
 
 @dataclass
@@ -85,22 +127,31 @@ def all_configs(costs: np.ndarray, bits: np.ndarray) -> list[int]:
 REFINED_SETS = {"hull": hull_configs, "front": pareto_configs, "all": all_configs}
 
 
-def check_budget(budget: float, bits: np.ndarray, numel: Sequence[int] | np.ndarray, above_ok: bool = True) -> None:
-    """Error unless some choice of configs meets the budget; it names the range of
-    average bits that the configs allow. `bits`: matrices × configs. With
+def check_budget(
+    budget: float,
+    bits: np.ndarray,
+    numel: Sequence[int] | np.ndarray,
+    above_ok: bool = True,
+    name: str = "budget",
+    choices: str = "configs",
+) -> None:
+    """Error unless some choice per matrix meets the budget; it names the range of
+    average bits that the choices allow. `bits`: matrices × choices. With
     `above_ok` False, a budget above the costliest choice is an error too (the
-    user asked for bits that no config spends)."""
+    user asked for bits that nothing spends). `name` and `choices` word the error
+    ("total budget", "(config, rank) pairs")."""
     numel_arr = np.asarray(numel, dtype=np.float64)
     lowest = float((bits.min(axis=1) * numel_arr).sum() / numel_arr.sum())
     highest = float((bits.max(axis=1) * numel_arr).sum() / numel_arr.sum())
     if budget < lowest - 1e-12:
         raise QpeftError(
-            f"budget {budget:g} bits/param is infeasible: the configs allow averages from {lowest:.4f} to {highest:.4f}"
+            f"{name} {budget:g} bits/param is infeasible: the {choices} allow averages from {lowest:.4f} to "
+            f"{highest:.4f}"
         )
     if not above_ok and budget > highest + 1e-12:
         raise QpeftError(
-            f"budget {budget:g} bits/param is more than the configs can use (at most {highest:.4f}, every matrix "
-            f"at its costliest config): give a budget up to {highest:.4f}, or --config for one config everywhere"
+            f"{name} {budget:g} bits/param is more than the {choices} can use (at most {highest:.4f}, every "
+            f"matrix at its costliest): give a {name} up to {highest:.4f}, or --config for one config everywhere"
         )
 
 

@@ -32,6 +32,18 @@ from qpeft.errors import QpeftError
 from qpeft.io.tagged import FileTensors, load_tagged, save_tagged
 
 METADATA_KEY = "qpeft_fisher"
+# row and column means are floored at this fraction of their average before use: a
+# row or column that no calibration gradient reached (F = 0) would otherwise drop out
+# of the weighted SVD and be divided by zero when its factors are unweighted
+FISHER_FLOOR = 1e-6
+
+
+def floored_mean(mean: torch.Tensor) -> torch.Tensor:
+    """max(mean, FISHER_FLOOR · average(mean)); all ones if no entry is positive."""
+    average = float(mean.float().mean())
+    if not average > 0:  # also NaN
+        return torch.ones_like(mean)
+    return mean.nan_to_num(0.0).clamp(min=FISHER_FLOOR * average)
 
 
 @dataclass
@@ -44,10 +56,11 @@ class FisherStats:
     element: Mapping[str, torch.Tensor] = field(default_factory=dict)  # name → F (d_out, d_in), if kept
 
     def weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r, c) = (√row means, √column means) of matrix `name`, for the weighted SVD."""
+        """(r, c) = (√row means, √column means) of matrix `name`, for the weighted SVD,
+        each mean floored (`floored_mean`) so that no weight is zero."""
         if name not in self.row_mean:
             raise QpeftError(f"the Fisher statistics have no entry for {name}")
-        return self.row_mean[name].sqrt(), self.col_mean[name].sqrt()
+        return floored_mean(self.row_mean[name]).sqrt(), floored_mean(self.col_mean[name]).sqrt()
 
 
 class _PerSequenceGradients:

@@ -118,13 +118,14 @@ def bit_averages(manifest: dict[str, Any]) -> dict[str, Any]:
     """The exact stored averages over a checkpoint's quantized matrices: `bits_q`
     (Q's parts: codes, scales, offsets, padding) and `bits_total` (Q plus every
     adapter tensor as stored: factors, values, position indices), in bits per
-    parameter of the matrices; with the budget, the adapter parameters, each
-    matrix's rank where it has one and how many matrices took each config."""
+    parameter of the matrices; with the budget (of Q, or the total), the adapter
+    parameters, each matrix's rank where the method records one (0: no adapter)
+    and how many matrices took each config."""
     matrices = manifest["quantized"]
     numel = sum(m["shape"][0] * m["shape"][1] for m in matrices.values())
     q_bits = sum(m["bits"] * m["shape"][0] * m["shape"][1] for m in matrices.values())
     adapter_bits = sum(m.get("adapter_bits", 0) for m in matrices.values())
-    ranks = {name: m["rank"] for name, m in matrices.items() if m.get("rank")}
+    ranks = {name: m["rank"] for name, m in matrices.items() if "rank" in m}
     return {
         "method": manifest.get("method"),
         "matrices": len(matrices),
@@ -132,6 +133,7 @@ def bit_averages(manifest: dict[str, Any]) -> dict[str, Any]:
         "bits_q": q_bits / numel,
         "bits_total": (q_bits + adapter_bits) / numel,
         "budget": manifest["summary"].get("budget"),
+        "total_budget": manifest["summary"].get("total_budget"),
         "adapter_params": sum(m.get("adapter_params", 0) for m in matrices.values()),
         "ranks": ranks,
         "configs": dict(Counter(m["config"] for m in matrices.values()).most_common()),

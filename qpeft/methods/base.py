@@ -54,17 +54,17 @@ class GPTQSolvers:
 
 
 class Method(Protocol):
-    """A configured decomposition: its costs and its split of one matrix. Fields named
-    in `split_only` change the split but not the costs (a cost table is reusable
-    across them); `calibrations` are the calibration results it holds."""
+    """A configured decomposition: its costs and its split of one matrix at a given
+    rank (the adapter's size, 0 for none). Fields named in `split_only` change the
+    split but not the costs (a cost table is reusable across them); `calibrations`
+    are the calibration results it holds."""
 
     name: str
-    rank: int
     split_only: ClassVar[tuple[str, ...]]
 
-    def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray: ...
+    def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig], rank: int) -> np.ndarray: ...
 
-    def split(self, name: str, weight: torch.Tensor, config: QuantConfig) -> Split: ...
+    def split(self, name: str, weight: torch.Tensor, config: QuantConfig, rank: int) -> Split: ...
 
     def calibrations(self) -> dict[str, Any]:
         """Calibration results by manifest key (each with a `metadata` dict), None if unused."""
@@ -121,6 +121,11 @@ class MethodPlugin(ABC):
     @abstractmethod
     def rank_reason(self, rank: int, shape: tuple[int, int], limit: int) -> str:
         """Why `rank` does not fit `shape` (the end of the one-line error)."""
+
+    @abstractmethod
+    def adapter_bits(self, rank: int, shape: tuple[int, int]) -> int:
+        """The exact bits of the adapter that `split` stores at `rank` for a matrix of
+        `shape` (what `--total-budget` counts beside Q); 0 for rank 0."""
 
     # its own recipe keys (a dataclass: type hints and defaults), written in the
     # recipe's method section beside the common ones (`qpeft.training.recipe`)

@@ -44,7 +44,6 @@ class Uniform:
     """Q = GPTQ(W) under each matrix's config; no adapter."""
 
     grams: InputGrams
-    rank: int = 0
     _gptq: GPTQSolvers = field(init=False, repr=False, compare=False)
     name = "uniform"
     split_only: ClassVar[tuple[str, ...]] = ("grams",)
@@ -52,10 +51,10 @@ class Uniform:
     def __post_init__(self) -> None:
         self._gptq = GPTQSolvers(self.grams)
 
-    def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray:
+    def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig], rank: int) -> np.ndarray:
         return uniform_costs(weight, grid)
 
-    def split(self, name: str, weight: torch.Tensor, config: QuantConfig) -> Split:
+    def split(self, name: str, weight: torch.Tensor, config: QuantConfig, rank: int) -> Split:
         return Split(self._gptq(name, weight.device).quantize(weight.float(), config), report={"rank": 0})
 
     def calibrations(self) -> dict[str, Any]:
@@ -101,6 +100,9 @@ class UniformPlugin(MethodPlugin):
 
     def rank_reason(self, rank: int, shape: tuple[int, int], limit: int) -> str:
         return "uniform quantization has no adapter (--rank 0)"
+
+    def adapter_bits(self, rank: int, shape: tuple[int, int]) -> int:
+        return 0
 
     def recipe_options(self, section: None) -> UniformOptions:
         return UniformOptions()

@@ -63,6 +63,12 @@ class LowRankAdapter(nn.Module):
     def rank_reason(rank: int, shape: tuple[int, int], limit: int) -> str:
         return f"a low-rank L1·L2 has rank at most {limit}"
 
+    @staticmethod
+    def stored_bits(rank: int, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        """Bits of L1 (d_out × r) and L2 (r × d_in) stored in `dtype`: r·(d_out + d_in)·bits(dtype)."""
+        rows, cols = shape
+        return rank * (rows + cols) * torch.finfo(dtype).bits
+
     def merge_cheaper(self, tokens: int) -> bool:
         return False  # r·(d_in + d_out) per token: never worth a d_out × d_in product here
 

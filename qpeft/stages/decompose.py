@@ -24,7 +24,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from qpeft.allocation.cost_table import (
     storage_bits_table,
     work_dir_for,
 )
-from qpeft.allocation.ilp import Allocation, check_budget, ilp_allocate
+from qpeft.allocation.ilp import Allocation, Budget, check_budget, ilp_allocate, parse_budget, parse_ranks
 from qpeft.distributed import ObjectSender, barrier, broadcast_object, rank_and_world, receive_object
 from qpeft.errors import QpeftError
 from qpeft.io.atomic import atomic_directory
@@ -59,17 +59,19 @@ from qpeft.quant import QuantConfig, dequantize, storage_bits
 from qpeft.stages.calibrate import CalibrationOptions
 from qpeft.stages.checks import check_device
 
+AdapterBits = Callable[[int, tuple[int, int]], int]  # a method's `MethodPlugin.adapter_bits`
+
 # calibration results by manifest key (`Method.calibrations`) → heat-map label
 CALIBRATION_LABELS = {"fisher": "Fisher", "grams": "activations"}
 
 
 def _split_matrix(
-    weight: torch.Tensor, config: QuantConfig, method: Method, name: str
+    weight: torch.Tensor, config: QuantConfig, rank: int, method: Method, name: str
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The manifest entry of one matrix under its config, and its stored tensors (on
-    the CPU) by checkpoint key."""
+    """The manifest entry of one matrix under its config and rank, and its stored
+    tensors (on the CPU) by checkpoint key."""
     w = weight.float()
-    split = method.split(name, w, config)
+    split = method.split(name, w, config, rank)
     tensors = {f"{name}.{part}": value.cpu() for part, value in split.quantized.tensors().items()}
     adapter = {} if split.adapter is None else split.adapter.state_dict()
     tensors |= {f"{name}.adapter.{part}": value.detach().cpu() for part, value in adapter.items()}
@@ -98,27 +100,41 @@ def split_owners(weights: SafetensorsWeights, names: Sequence[str], world: int) 
 
 
 def plan_matrices(
-    model_dir: Path, targets: Sequence[str], grid: Sequence[QuantConfig], budget: float | None
+    model_dir: Path,
+    targets: Sequence[str],
+    grid: Sequence[QuantConfig],
+    budget: Budget | None,
+    ranks: Sequence[int] = (0,),
+    adapter_bits: AdapterBits | None = None,
 ) -> tuple[list[str], list[int], dict[str, tuple[int, int]]]:
     """The selected matrices, their sizes and shapes; errors (before any slow stage) if
     one is missing from the weights or the budget cannot be met or used whole (None:
-    one uniform config)."""
+    one uniform config). A total budget counts the adapter's bits (`adapter_bits`)."""
     shapes = stored_linear(model_dir, SafetensorsWeights(model_dir), targets)
     names, numel = list(shapes), [rows * cols for rows, cols in shapes.values()]
     if budget is None and len(grid) != 1:
         raise QpeftError("give a bit budget, or a single config")
     if budget is not None:
-        check_budget(budget, storage_bits_table(grid, list(shapes.values())), numel, above_ok=False)
+        bits = storage_bits_table(grid, list(shapes.values()), ranks, adapter_bits if budget.total else None)
+        if len(ranks) > 1:
+            choices = "(config, rank) pairs"
+        elif budget.total:
+            choices = f"configs at rank {ranks[0]}"
+        else:
+            choices = "configs"
+        check_budget(budget.bits, bits, numel, False, budget.label.rsplit(" ", 1)[0], choices)
     return names, numel, shapes
 
 
 def decompose_model(
     model_dir: Path,
     out_dir: Path,
-    budget: float | None,
+    budget: Budget | None,
     method: Method,
     targets: Sequence[str],
     grid: Sequence[QuantConfig],
+    ranks: Sequence[int],
+    adapter_bits: AdapterBits,
     device: str = "cpu",
     resume: bool = False,
     costs_from: Path | None = None,
@@ -127,22 +143,27 @@ def decompose_model(
     unquantized_dtype: torch.dtype | None = None,
 ) -> dict[str, Any] | None:
     """Run stages 2–4 (the method holds its calibration) and write the checkpoint to
-    `out_dir`; `budget` None with a one-config `grid` puts every matrix under that
-    config. Returns the manifest on rank 0, None on the other ranks."""
+    `out_dir`; `budget` None with a one-config `grid` and one rank puts every matrix
+    under that config and rank. With several `ranks` the ILP picks each matrix's
+    (config, rank) pair under a total budget. Returns the manifest on rank 0, None on
+    the other ranks."""
     from qpeft.calibration.cache import model_fingerprint
 
     rank_id, world = rank_and_world()
     started = time.perf_counter()
     weights = SafetensorsWeights(model_dir)
-    names, numel, shapes = plan_matrices(model_dir, targets, grid, budget)
+    names, numel, shapes = plan_matrices(model_dir, targets, grid, budget, ranks, adapter_bits)
     calibration = method_settings(method)
     costed = {k: v for k, v in calibration.items() if k not in method.split_only}
     settings = DecomposeSettings(
-        model_fingerprint(model_dir), list(targets), [c.name for c in grid], method.name, costed
+        model_fingerprint(model_dir), list(targets), [c.name for c in grid], list(ranks), method.name, costed
     )
     work = work_dir_for(out_dir)
-    if len(grid) == 1:  # one config for every matrix: nothing to allocate
-        table = CostTable(list(names), [], [grid[0].name], np.zeros((len(names), 1)), settings=settings.as_dict())
+    uniform = budget is None  # one config and one rank for every matrix: nothing to allocate
+    if uniform:
+        table = CostTable(
+            list(names), [], [grid[0].name], list(ranks), np.zeros((len(names), 1)), settings=settings.as_dict()
+        )
     elif costs_from is not None:
         table = load_cost_table(costs_from, settings) if rank_id == 0 else None
     else:
@@ -155,16 +176,18 @@ def decompose_model(
 
     # rank 0 solves the allocation; every process then splits a share of the matrices
     solve_start = time.perf_counter()
-    bits = storage_bits_table(grid, list(shapes.values()))
+    total = budget is not None and budget.total
+    bits = storage_bits_table(grid, list(shapes.values()), ranks, adapter_bits if total else None)
     allocation = None
-    if rank_id == 0 and budget is None:
+    if rank_id == 0 and uniform:
         average = float((bits[:, 0] * np.asarray(numel)).sum() / sum(numel))
         allocation = Allocation([0] * len(names), 0.0, average, len(names), "uniform")
     elif rank_id == 0:
-        allocation = ilp_allocate(table.costs, bits, numel, budget)
+        allocation = ilp_allocate(table.costs, bits, numel, budget.bits)
     solve_seconds = time.perf_counter() - solve_start
     choice = broadcast_object(None if allocation is None else allocation.choice, device)
-    chosen = {name: grid[j] for name, j in zip(names, choice, strict=True)}
+    # column k of the table: rank ranks[k // C], config grid[k % C]
+    chosen = {name: (grid[k % len(grid)], ranks[k // len(grid)]) for name, k in zip(names, choice, strict=True)}
     owners = split_owners(weights, names, world)
 
     write_start = time.perf_counter()
@@ -173,7 +196,7 @@ def decompose_model(
         for name, owner in owners.items():
             if owner == rank_id:
                 tensor = weights.tensor(f"{name}.weight").to(device)
-                sender.send(_split_matrix(tensor, chosen[name], method, name))
+                sender.send(_split_matrix(tensor, *chosen[name], method, name))
         sender.close()
         return None
     received = dict.fromkeys(range(world), 0)  # objects taken from each rank so far
@@ -184,31 +207,38 @@ def decompose_model(
 
     def split(name: str, tensor: torch.Tensor) -> dict[str, Any]:
         if owners[name] == 0:
-            entry, tensors = _split_matrix(tensor.to(device), chosen[name], method, name)
+            entry, tensors = _split_matrix(tensor.to(device), *chosen[name], method, name)
         else:
             entry, tensors = receive_object(owners[name], received[owners[name]], device)
             received[owners[name]] += 1
         for key, value in tensors.items():
             writer.add(key, value)
-        return entry | ({"table_cost": table_cost[name]} if len(grid) > 1 else {})
+        return entry | ({} if uniform else {"table_cost": table_cost[name]})
 
     with atomic_directory(out_dir) as tmp:
         copy_model_files(model_dir, tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
         matrices = stream_model(weights, writer, selected, split, "write", unquantized_dtype)
         matrices = {n: matrices[n] for n in names}
-        if len(grid) > 1:
+        if not uniform:
             save_cost_table(tmp / COST_TABLE_NAME, table)
-        summary = summarise(matrices) | {
-            "budget": budget,
-            "ilp_objective": allocation.cost,
-            "ilp_average_bits": allocation.average_bits,
-            "ilp_variables": allocation.kept_variables,
-        }
+        budgets = {"budget": None, "total_budget": None}
+        if budget is not None:
+            budgets["total_budget" if budget.total else "budget"] = budget.bits
+        summary = (
+            summarise(matrices)
+            | budgets
+            | {
+                "ilp_objective": allocation.cost,
+                "ilp_average_bits": allocation.average_bits,
+                "ilp_variables": allocation.kept_variables,
+            }
+        )
         held = {key: value for key, value in method.calibrations().items() if value is not None}
         calib = next((CALIBRATION_LABELS.get(key, key) for key in held), "no calibration")
-        target = grid[0].name if budget is None else f"budget {budget:g}"
-        title = f"{source or model_dir}: {method.name}, {target}, rank {calibration['rank']}, {calib}"
+        target = grid[0].name if budget is None else budget.label
+        rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {','.join(map(str, ranks))}"
+        title = f"{source or model_dir}: {method.name}, {target}, {rank_text}, {calib}"
         bits_heatmap(matrices, tmp / HEATMAP_NAME, title)
         manifest = {
             "method": method.name,
@@ -216,7 +246,8 @@ def decompose_model(
             "targets": list(targets),
             "unquantized_dtype": dtype_name(unquantized_dtype),
             "settings": settings.as_dict()
-            | {"budget": budget, "grid_size": len(grid), "split": {k: calibration[k] for k in method.split_only}},
+            | budgets
+            | {"grid_size": len(grid), "split": {k: calibration[k] for k in method.split_only}},
             **{key: getattr(value, "metadata", None) for key, value in method.calibrations().items()},
             "quantized": matrices,
             "summary": summary,
@@ -255,16 +286,20 @@ def _provenance(device: str, world: int) -> dict[str, Any]:
 @dataclass
 class DecomposeRequest:
     """`qpeft decompose`: W ≈ Q + ΔW per selected matrix by a registered method
-    (`qpeft.methods`), under a bit budget (the ILP over `configs`) or one `config`.
-    `options` are the method's own (its `options` dataclass; None: its defaults)."""
+    (`qpeft.methods`), under a bit budget of Q (`budget`) or of everything stored
+    (`total_budget`), the ILP choosing over `configs` (and with `ranks`, over
+    (config, rank) pairs), or under one `config`. `options` are the method's own (its
+    `options` dataclass; None: its defaults)."""
 
     model: str | None
     out: Path
     method: str = DEFAULT_METHOD
     budget: str | float | None = None
     config: str | None = None
-    rank: int | None = None  # None: the method's default_rank
+    rank: int | None = None  # None: the method's default_rank (unless `ranks`)
     options: Any = None
+    total_budget: str | float | None = None
+    ranks: str | Sequence[int] | None = None  # candidate ranks of the joint ILP
     calib: CalibrationOptions = field(default_factory=CalibrationOptions)
     configs: str | None = None  # the ILP's grid (default lqlora)
     targets: str | None = None
@@ -277,7 +312,7 @@ class DecomposeRequest:
 
     def __post_init__(self) -> None:
         self.plugin = method_plugin(self.method)
-        if self.rank is None:
+        if self.rank is None and self.ranks is None:
             self.rank = self.plugin.default_rank
         if self.options is None:
             self.options = self.plugin.options()
@@ -286,29 +321,62 @@ class DecomposeRequest:
 
     def command(self) -> list[str]:
         """The `qpeft` command line that makes this request (the options a recipe sets)."""
-        how = ["--budget", str(self.budget)] if self.budget is not None else ["--config", str(self.config)]
+        if self.budget is not None:
+            how = ["--budget", str(self.budget)]
+        elif self.total_budget is not None:
+            how = ["--total-budget", str(self.total_budget)]
+        else:
+            how = ["--config", str(self.config)]
+        if self.ranks is not None:
+            how += ["--ranks", ",".join(map(str, parse_ranks(self.ranks)))]
+        else:
+            how += ["--rank", str(self.rank)]
         extra = ["--method", self.method, *self.plugin.command_flags(self.options)]
         targets = ["--targets", self.targets] if self.targets else []
         model = self.model or "smollm2"
-        return ["decompose", model, *how, "--rank", str(self.rank), "--out", str(self.out), *extra, *targets]
+        return ["decompose", model, *how, "--out", str(self.out), *extra, *targets]
 
 
-def _check_decompose(request: DecomposeRequest) -> None:
+def _check_decompose(request: DecomposeRequest) -> tuple[Budget | None, list[int]]:
+    """The request's budget and candidate ranks, or a one-line error naming the flags at fault."""
     r = request
-    if r.rank < 0:
+    given = [
+        flag
+        for flag, value in (("--budget", r.budget), ("--total-budget", r.total_budget), ("--config", r.config))
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise QpeftError(
+            f"give one of --budget, --total-budget and --config, not {' and '.join(given)}"
+            if given
+            else "give a bit budget (--budget or --total-budget), or a single config (--config)"
+        )
+    if r.ranks is not None and r.rank is not None:
+        raise QpeftError("--rank gives every matrix one rank, --ranks lets the ILP choose each one's: give one of them")
+    if r.rank is not None and r.rank < 0:
         raise QpeftError(f"--rank must be 0 or more, got {r.rank}")
+    ranks = [r.rank] if r.ranks is None else parse_ranks(r.ranks)
+    if len(ranks) > 1 and r.total_budget is None:
+        raise QpeftError(
+            "--ranks needs --total-budget: under --budget (bits of Q only) or --config the adapter's bits are "
+            "not counted, and the largest rank would always win"
+        )
     r.plugin.check(r)
     if r.config and r.configs:
         raise QpeftError(
-            "--configs lists the ILP's candidates for --budget; --config puts every matrix under one config: "
+            "--configs lists the ILP's candidates for a budget; --config puts every matrix under one config: "
             "give one of them"
         )
+    if r.budget is not None:
+        return Budget(parse_budget(r.budget)), ranks
+    if r.total_budget is not None:
+        return Budget(parse_budget(r.total_budget, "total budget"), total=True), ranks
+    return None, ranks
 
 
 def run_decompose(request: DecomposeRequest) -> dict[str, Any] | None:
     """Calibrate, cost, allocate and split; write the checkpoint. Returns its manifest
     on rank 0 of a torch.distributed run (every process calls this), None elsewhere."""
-    from qpeft.allocation.ilp import parse_budget
     from qpeft.calibration.activations import check_gram_memory
     from qpeft.data.calibration import calibration_text
     from qpeft.distributed import init_distributed
@@ -319,8 +387,7 @@ def run_decompose(request: DecomposeRequest) -> dict[str, Any] | None:
     from qpeft.quant import parse_config, parse_grid
 
     r = request
-    budget = None if r.budget is None else parse_budget(r.budget)
-    _check_decompose(r)
+    budget, ranks = _check_decompose(r)
     grid = [parse_config(r.config)] if r.config else parse_grid(r.configs or "lqlora")
     targets = parse_targets(r.targets, "--targets")
     r.calib.check()
@@ -333,8 +400,9 @@ def run_decompose(request: DecomposeRequest) -> dict[str, Any] | None:
         calibration_text(r.calib.source)
     device = init_distributed(r.device)
     model_dir = resolve_model(r.model)
-    names, _, shapes = plan_matrices(model_dir, targets, grid, budget)  # fail before the slow stages
-    check_rank(r.plugin, r.rank, shapes, "--rank")
+    # fail before the slow stages
+    names, _, shapes = plan_matrices(model_dir, targets, grid, budget, ranks, r.plugin.adapter_bits)
+    check_rank(r.plugin, max(ranks), shapes, "--rank" if r.ranks is None else "--ranks")
     if r.resume and rank_and_world()[0] == 0:
         remove_partials(r.out)  # what a killed write left
     if needs.activations:
@@ -349,6 +417,8 @@ def run_decompose(request: DecomposeRequest) -> dict[str, Any] | None:
         method,
         targets,
         grid,
+        ranks,
+        r.plugin.adapter_bits,
         device,
         r.resume,
         r.costs,

@@ -35,8 +35,19 @@ def base_request(recipe: Recipe, out: Path, resume: bool = False) -> QuantizeReq
     if m.name == "qlora":
         return QuantizeRequest(recipe.model, out, m.config or "nf4", m.targets)
     options = method_plugin(m.name, "recipe key method.name").recipe_options(m.options)
+    rank = None if m.ranks is not None else m.rank
     return DecomposeRequest(
-        recipe.model, out, m.name, m.budget, m.config, m.rank, options, targets=m.targets, resume=resume
+        recipe.model,
+        out,
+        m.name,
+        m.budget,
+        m.config,
+        rank,
+        options,
+        total_budget=m.total_budget,
+        ranks=m.ranks,
+        targets=m.targets,
+        resume=resume,
     )
 
 
@@ -54,6 +65,7 @@ def check_method_inputs(recipe: Recipe) -> Path:
     """Check what the base will be made from before anything is made: the model, the
     targets, and the rank against every selected matrix. Returns the directory whose
     tokenizer the run uses (the model's, which the base copies; or the checkpoint)."""
+    from qpeft.allocation.ilp import parse_ranks
     from qpeft.methods import METHODS, check_rank
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import parse_targets
@@ -66,7 +78,10 @@ def check_method_inputs(recipe: Recipe) -> Path:
     model_dir = resolve_model(recipe.model)
     targets = parse_targets(m.targets, "recipe key method.targets")
     shapes = stored_linear(model_dir, SafetensorsWeights(model_dir), targets)
-    check_rank(METHODS.get(m.name, LowRankAdapter), m.rank, shapes, "recipe key method.rank")
+    if m.ranks is None:
+        check_rank(METHODS.get(m.name, LowRankAdapter), m.rank, shapes, "recipe key method.rank")
+    else:
+        check_rank(METHODS[m.name], max(parse_ranks(m.ranks)), shapes, "recipe key method.ranks")
     return model_dir
 
 

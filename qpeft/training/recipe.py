@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from qpeft.allocation.ilp import parse_ranks
 from qpeft.errors import QpeftError
 from qpeft.methods import METHODS as REGISTERED
 from qpeft.models.selection import parse_targets
@@ -47,7 +48,9 @@ class MethodSection:
     checkpoint: str | None = None  # `checkpoint`: a decomposed qpeft checkpoint directory
     config: str | None = None  # one quantization config for every matrix (qlora: nf4)
     budget: float | None = None  # lqlora / qwha: average bits per parameter of Q (the ILP)
+    total_budget: float | None = None  # lqlora / qwha: average bits of Q plus the adapter as stored
     rank: int = 64  # LoRA rank, or the equal parameter budget of QWHA
+    ranks: str | None = None  # with total_budget: candidate ranks, e.g. "0,8,16" (the ILP picks each matrix's)
     alpha: float | None = None  # qlora: LoRA scaling alpha / rank (default: 2·rank); decompositions train unscaled
     targets: str | None = None  # layer name patterns (default: q, k, v, o, gate, up, down projections)
     # the method's own keys, written beside these in the YAML: its plugin's `recipe_section`
@@ -173,12 +176,16 @@ def _check(recipe: Recipe) -> None:
 
     need(m.name in METHODS, f"recipe key method.name: one of {', '.join(METHODS)}, got {m.name!r}")
     need(m.name != "checkpoint" or m.checkpoint, "recipe key method.checkpoint: needed when method.name is checkpoint")
-    need(m.name in DECOMPOSITIONS or m.budget is None, f"recipe key method.budget: not used by {m.name}")
+    for key in ("budget", "total_budget", "ranks"):
+        need(m.name in DECOMPOSITIONS or getattr(m, key) is None, f"recipe key method.{key}: not used by {m.name}")
     need(
-        m.name not in DECOMPOSITIONS or (m.budget is None) != (m.config is None),
-        f"recipe key method.budget: {m.name} needs a budget or a config (one of them)",
+        m.name not in DECOMPOSITIONS or [m.budget, m.total_budget, m.config].count(None) == 2,
+        f"recipe key method.budget: {m.name} needs one of budget, total_budget and config",
     )
     need(m.rank > 0 or m.name == "checkpoint", f"recipe key method.rank: must be positive, got {m.rank}")
+    if m.ranks is not None:
+        parse_ranks(m.ranks, "recipe key method.ranks")
+        need(m.total_budget is not None, "recipe key method.ranks: needs method.total_budget")
     if m.targets is not None:
         parse_targets(m.targets, "recipe key method.targets")
     need(d.seqlen > 1, f"recipe key data.seqlen: must be at least 2, got {d.seqlen}")

@@ -185,7 +185,6 @@ class LQLoRA:
     best iterate as stored (bf16), with error feedback along the inputs' XᵀX
     (`qpeft.quant.gptq`, needs `grams`); the costs stay those of round-to-nearest."""
 
-    rank: int
     fisher: FisherStats | None = None
     seed: int = 0
     max_iters: int = 20
@@ -212,13 +211,13 @@ class LQLoRA:
         row, col = self.fisher.weights(name)
         return row.to(device), col.to(device)
 
-    def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray:
+    def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig], rank: int) -> np.ndarray:
         row, col = self._weights(name, weight.device)
         element = None if self.fisher is None else self.fisher.element.get(name)
         return matrix_costs(
             weight,
             grid,
-            self.rank,
+            rank,
             row,
             col,
             self.seed,
@@ -229,13 +228,13 @@ class LQLoRA:
             fisher=element,
         )
 
-    def split(self, name: str, weight: torch.Tensor, config: QuantConfig) -> Split:
+    def split(self, name: str, weight: torch.Tensor, config: QuantConfig, rank: int) -> Split:
         row, col = self._weights(name, weight.device)
-        result = lq_decompose(weight, config, self.rank, row, col, self.max_iters, self.rel_tol, self.seed)
-        split = Split(result.quantized, report={"rank": self.rank, "iterations": result.iterations})
-        if self.rank:
+        result = lq_decompose(weight, config, rank, row, col, self.max_iters, self.rel_tol, self.seed)
+        split = Split(result.quantized, report={"rank": rank, "iterations": result.iterations})
+        if rank:
             rows, cols = weight.shape
-            split.adapter = LowRankAdapter(cols, rows, self.rank, weight.device, ADAPTER_DTYPE)
+            split.adapter = LowRankAdapter(cols, rows, rank, weight.device, ADAPTER_DTYPE)
             split.adapter.load_state_dict({"left": result.left, "right": result.right})
         if self.rounding == "gptq":
             # round what Q must carry given L1·L2 as stored (bf16)
@@ -259,8 +258,9 @@ class LQLoRA:
         residual = weight - dequantize(split.quantized)
         generator = torch.Generator(device=weight.device).manual_seed(self.seed + 3)
         start = row_space(split.adapter.right.float(), col)
-        left, right = lowrank_factors(residual, self.rank, row, col, generator, start)
-        refit = LowRankAdapter(weight.shape[1], weight.shape[0], self.rank, weight.device, ADAPTER_DTYPE)
+        rank = split.adapter.rank
+        left, right = lowrank_factors(residual, rank, row, col, generator, start)
+        refit = LowRankAdapter(weight.shape[1], weight.shape[0], rank, weight.device, ADAPTER_DTYPE)
         refit.load_state_dict({"left": left, "right": right})
         before = weighted_error(residual - split.adapter.delta_weight(), row, col)
         after = weighted_error(residual - refit.delta_weight(), row, col)
@@ -368,7 +368,7 @@ class LQLoRAPlugin(MethodPlugin):
         if o.rounding == "gptq":
             grams = calibrate_activations(model_dir, targets, *calib.sampling(), device, calib.dtype)[0]
         return LQLoRA(
-            r.rank, statistics, r.seed, refine_iters=o.refine_iters, refine=r.refine, rounding=o.rounding, grams=grams
+            statistics, r.seed, refine_iters=o.refine_iters, refine=r.refine, rounding=o.rounding, grams=grams
         )
 
     def max_rank(self, shape: tuple[int, int]) -> int:
@@ -376,6 +376,9 @@ class LQLoRAPlugin(MethodPlugin):
 
     def rank_reason(self, rank: int, shape: tuple[int, int], limit: int) -> str:
         return LowRankAdapter.rank_reason(rank, shape, limit)
+
+    def adapter_bits(self, rank: int, shape: tuple[int, int]) -> int:
+        return LowRankAdapter.stored_bits(rank, shape, ADAPTER_DTYPE)
 
     def recipe_options(self, section: LQLoRARecipe) -> LQLoRAOptions:
         return LQLoRAOptions(no_fisher=not section.fisher)

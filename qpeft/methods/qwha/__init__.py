@@ -81,7 +81,6 @@ class QWHA:
     """W ≈ Q + F·T: Q = quant(W), F the sparse Walsh–Hadamard spectrum initialised to
     cancel W − deq(Q) on the calibration activations (QWHA), n = rank·(d_in + d_out)."""
 
-    rank: int
     grams: InputGrams
     alpha: float = 1.0
     refine: str = "hull"  # the configs of each matrix given an exact init: hull or front
@@ -92,17 +91,17 @@ class QWHA:
         moment = self.grams.second_moment(name).to(device)
         return QWHASolver(moment, transform=walsh_hadamard(moment.shape[0]))
 
-    def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig]) -> np.ndarray:
-        count = parameter_count(self.rank, tuple(weight.shape))
+    def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig], rank: int) -> np.ndarray:
+        count = parameter_count(rank, tuple(weight.shape))
         return qwha_matrix_costs(weight, grid, self._solver(name, weight.device), count, self.alpha, self.refine)
 
-    def split(self, name: str, weight: torch.Tensor, config: QuantConfig) -> Split:
+    def split(self, name: str, weight: torch.Tensor, config: QuantConfig, rank: int) -> Split:
         quantized = quantize(weight, config)
-        report: dict[str, Any] = {"rank": self.rank}
-        if self.rank == 0:
+        report: dict[str, Any] = {"rank": rank}
+        if rank == 0:
             return Split(quantized, report=report)
         solver = self._solver(name, weight.device)
-        init = solver.init(weight - dequantize(quantized), parameter_count(self.rank, tuple(weight.shape)), self.alpha)
+        init = solver.init(weight - dequantize(quantized), parameter_count(rank, tuple(weight.shape)), self.alpha)
         spectrum = init.spectrum
         rows, cols = weight.shape
         adapter = WHTAdapter(cols, rows, spectrum.values.numel(), weight.device, ADAPTER_DTYPE)
@@ -154,7 +153,7 @@ class QWHAPlugin(MethodPlugin):
 
         calib = request.calib
         grams = calibrate_activations(model_dir, targets, *calib.sampling(), device, calib.dtype)[0]
-        return QWHA(request.rank, grams, request.options.alpha, request.refine)
+        return QWHA(grams, request.options.alpha, request.refine)
 
     def max_rank(self, shape: tuple[int, int]) -> int:
         rows, cols = shape  # rank r stands for r·(d_in + d_out) values
@@ -163,6 +162,11 @@ class QWHAPlugin(MethodPlugin):
     def rank_reason(self, rank: int, shape: tuple[int, int], limit: int) -> str:
         rows, cols = shape
         return f"QWHA's {rank * (rows + cols):,} values would exceed its {rows * cols:,} entries (rank at most {limit})"
+
+    def adapter_bits(self, rank: int, shape: tuple[int, int]) -> int:
+        if rank == 0:
+            return 0
+        return WHTAdapter.stored_bits(parameter_count(rank, shape), shape, ADAPTER_DTYPE)
 
     def recipe_options(self, section: None) -> QWHAOptions:
         return QWHAOptions()

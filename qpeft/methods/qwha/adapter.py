@@ -47,6 +47,13 @@ class WHTAdapter(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _: module._rebuild_rows())
         self.transform = walsh_hadamard(in_features)
 
+    @staticmethod
+    def stored_bits(count: int, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        """Bits of `count` values in `dtype`, their columns and the d_out + 1 row offsets."""
+        rows, cols = shape
+        index_bits = torch.iinfo(index_dtype((1, cols))).bits
+        return count * (torch.finfo(dtype).bits + index_bits) + (rows + 1) * torch.iinfo(torch.int32).bits
+
     def set_positions(self, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
         """Take `values` at (`rows`, `cols`) in any order (stored row-major)."""
         self.load_state_dict({"values": values, "rows": rows, "cols": cols})
