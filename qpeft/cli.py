@@ -56,7 +56,9 @@ def _add_calib_args(parser: argparse.ArgumentParser, with_source: bool = True, w
 
     if with_source:
         parser.add_argument(
-            "--calib", default="wikitext2", help="wikitext2 (its validation split, the default) or a UTF-8 text file"
+            "--calib",
+            default="wikitext2",
+            help="wikitext2 (its validation split, the default), python-docs (its calib.txt) or a UTF-8 text file",
         )
     parser.add_argument(
         "--calib-sequences", type=int, default=DEFAULT_SEQUENCES, help=f"sequences (default: {DEFAULT_SEQUENCES})"
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib",
         default="wikitext2",
         help="calibration text (LQ-LoRA's Fisher, the layer inputs' XᵀX): wikitext2 (its validation split, "
-        "the default) or a UTF-8 text file",
+        "the default), python-docs (its calib.txt) or a UTF-8 text file",
     )
     _add_calib_args(dec, with_source=False, with_elementwise=False)
     for plugin in METHODS.values():
@@ -177,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", parents=[common], help="perplexity (GPTQ protocol: non-overlapping windows)")
     _add_model_arg(ev, checkpoint=True)
     source = ev.add_mutually_exclusive_group()
-    source.add_argument("--data", default="wikitext2", help="built-in test text (default: wikitext2)")
+    source.add_argument(
+        "--data",
+        default="wikitext2",
+        help="built-in test text: wikitext2 (default) or python-docs (the Python docs' test.txt)",
+    )
     source.add_argument("--text-file", default=None, help="evaluate on this UTF-8 text file instead")
     ev.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default: 2048)")
     ev.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")

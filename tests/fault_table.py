@@ -163,7 +163,7 @@ ROWS: list[BadInput] = [
     _row(
         "calibrate on a missing text",
         "calibrate {tiny} --out {tmp}/f.safetensors --calib {tmp}/none.txt",
-        "calibration data '{tmp}/none.txt' is neither 'wikitext2' nor a text file",
+        "calibration data '{tmp}/none.txt' is neither a built-in text (wikitext2, python-docs) nor a text file",
     ),
     _row(
         "calibrate on binary text",

@@ -179,7 +179,7 @@ def test_decompose_errors(tiny_model_dir, tmp_path, capsys):
     code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "a", "--budget", "3", "--rank", -1)
     assert_one_line_error(code, err, "--rank must be 0 or more, got -1")
     code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "a", "--budget", "3", "--calib", tmp_path / "no.txt")
-    assert_one_line_error(code, err, "is neither 'wikitext2' nor a text file")
+    assert_one_line_error(code, err, "is neither a built-in text (wikitext2, python-docs) nor a text file")
     code, _, err = decompose(
         capsys, tiny_model_dir, tmp_path / "a", "--budget", "3", "--rank", 4, "--fisher", tmp_path / "f.st"
     )

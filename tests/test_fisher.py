@@ -88,8 +88,25 @@ def test_calibration_batches_are_seeded_windows():
 def test_calibration_text_never_uses_the_test_split(tmp_path):
     text, name = calibration_text("wikitext2")
     assert name == "wikitext2:valid" and len(text) > 100_000
-    with pytest.raises(QpeftError, match="neither 'wikitext2' nor a text file"):
+    with pytest.raises(QpeftError, match=r"neither a built-in text \(wikitext2, python-docs\) nor a text file"):
         calibration_text(str(tmp_path / "missing.txt"))
+
+
+def test_each_built_in_text_calibrates_and_evaluates_on_disjoint_files():
+    from qpeft.data.training import load_text
+    from qpeft.eval.perplexity import load_eval_text
+
+    for name, calib_label in (("wikitext2", "wikitext2:valid"), ("python-docs", "python-docs:calib")):
+        calib, label = calibration_text(name)
+        test = load_eval_text(name)
+        assert label == calib_label and len(calib) > 500_000 and len(test) > 500_000
+        assert load_text(name) == calib and load_text(name, "test") == test
+        # the paragraphs of the test text are (almost all) absent from the calibration text
+        seen = set(calib.split("\n"))
+        paragraphs = [p for p in test.split("\n") if len(p.split()) >= 8]
+        assert sum(p in seen for p in paragraphs) <= 0.005 * len(paragraphs)
+    with pytest.raises(QpeftError, match=r"^unknown evaluation data 'pydocs': use one of wikitext2, python-docs, or"):
+        load_eval_text("pydocs")
 
 
 def test_calibrate_caches_by_settings(tiny_model_dir, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from qpeft.data import dataset_path
+from qpeft.data import BUILTIN_NAMES, DATASETS, calibration_path
 from qpeft.errors import QpeftError
 
 DEFAULT_SEQUENCES = 32
@@ -18,12 +18,14 @@ DEFAULT_SEQLEN = 512
 
 
 def calibration_text(source: str) -> tuple[str, str]:
-    """(text, description) of 'wikitext2' (validation split) or a UTF-8 text file."""
-    if source == "wikitext2":
-        return dataset_path("wikitext2", "valid").read_text(encoding="utf-8"), "wikitext2:valid"
+    """(text, description) of a built-in text's calibration split ('wikitext2': its
+    validation split; 'python-docs': its calib.txt) or of a UTF-8 text file."""
+    if source in DATASETS:
+        path, label = calibration_path(source)
+        return path.read_text(encoding="utf-8"), label
     path = Path(source)
     if not path.is_file():
-        raise QpeftError(f"calibration data {source!r} is neither 'wikitext2' nor a text file")
+        raise QpeftError(f"calibration data {source!r} is neither a built-in text ({BUILTIN_NAMES}) nor a text file")
     try:
         return path.read_text(encoding="utf-8"), str(path.resolve())
     except UnicodeDecodeError as exc:

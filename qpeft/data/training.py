@@ -1,6 +1,6 @@
 """Training data from local files, read through `datasets`.
 
-* text (`.txt`, or `wikitext2` = WikiText-2's validation split): tokenized whole and
+* text (`.txt`, or a built-in text's calibration split: `wikitext2`, `python-docs`): tokenized whole and
   packed into non-overlapping blocks of `seqlen` tokens; every token is a target.
 * alpaca (`.json` list or `.jsonl`, records with instruction / input / output): the
   Alpaca prompt, then the output and EOS; only the output tokens (and EOS) are
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qpeft.data import dataset_path
+from qpeft.data import DATASETS, calibration_path, dataset_path
 from qpeft.errors import QpeftError
 
 IGNORE = -100  # label of a token that is not a target (torch's cross-entropy ignore_index)
@@ -45,7 +45,7 @@ class Example:
 def data_format(source: str, declared: str | None) -> str:
     if declared is not None:
         return declared
-    if source == "wikitext2" or source.endswith(".txt"):
+    if source in DATASETS or source.endswith(".txt"):
         return "text"
     if source.endswith((".json", ".jsonl")):
         return "alpaca"
@@ -83,10 +83,11 @@ def check_data_file(source: str, text: bool) -> None:
         raise QpeftError(f"data file {source} holds NUL bytes: it is not a text file")
 
 
-def load_text(source: str, split: str = "valid") -> str:
-    """A text file's contents via `datasets` (or the built-in WikiText-2 `split`)."""
-    if source == "wikitext2":
-        path = dataset_path("wikitext2", split)
+def load_text(source: str, split: str = "calib") -> str:
+    """A text file's contents via `datasets`, or a built-in text's calibration
+    ("calib": training data) or "test" split."""
+    if source in DATASETS:
+        path = calibration_path(source)[0] if split == "calib" else dataset_path(source, split)
     else:
         check_data_file(source, text=True)
         path = Path(source)
@@ -148,7 +149,7 @@ def alpaca_examples(tokenizer, source: str, seqlen: int) -> list[Example]:
 def load_examples(tokenizer, source: str, declared_format: str | None, seqlen: int) -> list[Example]:
     """The training examples of a recipe's data.train."""
     if data_format(source, declared_format) == "text":
-        return text_blocks(tokenizer, load_text(source, "valid"), seqlen, source)
+        return text_blocks(tokenizer, load_text(source), seqlen, source)
     return alpaca_examples(tokenizer, source, seqlen)
 
 

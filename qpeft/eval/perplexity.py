@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qpeft.data import dataset_path
+from qpeft.data import BUILTIN_NAMES, DATASETS, dataset_path
 from qpeft.errors import QpeftError
 
 
@@ -46,9 +46,9 @@ def load_eval_text(data: str | None = "wikitext2", text_file: str | None = None)
         except UnicodeDecodeError as exc:
             raise QpeftError(f"{text_file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     else:
-        if data != "wikitext2":
-            raise QpeftError(f"unknown evaluation data {data!r}: use wikitext2 or --text-file")
-        text = dataset_path("wikitext2", "test").read_text(encoding="utf-8")
+        if data not in DATASETS:
+            raise QpeftError(f"unknown evaluation data {data!r}: use one of {BUILTIN_NAMES}, or --text-file")
+        text = dataset_path(data, "test").read_text(encoding="utf-8")
     if not text.strip():
         raise QpeftError("the evaluation text is empty")
     return text

@@ -7,8 +7,8 @@ schema, with errors that name the bad key.
       budget: 2.75                  # lqlora/qwha: bit budget (or `config: nf3`)
       rank: 8
     data:
-      train: wikitext2              # wikitext2 (its validation split) or a .txt/.json/.jsonl file
-      eval: wikitext2               # wikitext2 (its test split) or a file; null: no eval
+      train: wikitext2              # wikitext2 / python-docs (their calibration splits) or a .txt/.json/.jsonl file
+      eval: wikitext2               # wikitext2 / python-docs (their test splits) or a file; null: no eval
       seqlen: 512
     train: {steps: 100, batch_size: 4, lr: 2.0e-4, schedule: cosine, warmup: 0.03}
     output_dir: out/train-smollm2-lqlora
