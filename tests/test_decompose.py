@@ -410,6 +410,12 @@ def test_total_budget_with_ranks_picks_config_and_rank_jointly(tiny_model_dir, t
     assert picked == {n: (m["config"], m["rank"]) for n, m in matrices.items()}
     assert summary["ilp_objective"] == pytest.approx(sum(m["table_cost"] for m in matrices.values()), rel=1e-9)
     assert len({m["rank"] for m in matrices.values()}) > 1  # this budget makes rank pay in some matrices only
+    # the heat map has a second panel, the rank of each matrix: twice the width of one panel
+    one = SMALL_GRID.split(",")[0]
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "r1", "--config", one, "--rank", "2", "--no-fisher")
+    assert code == 0, err
+    width = int.from_bytes((out / "bits_heatmap.png").read_bytes()[16:20], "big")
+    assert width == 2 * int.from_bytes((tmp_path / "r1" / "bits_heatmap.png").read_bytes()[16:20], "big")
     code, stdout, err = run(capsys, "inspect", out, "--json")
     report = json.loads(stdout)
     assert report["total_budget"] == 4.5 and report["ranks"] == {n: m["rank"] for n, m in matrices.items()}

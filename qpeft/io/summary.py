@@ -88,7 +88,9 @@ def format_type_table(rows: list[dict[str, Any]]) -> str:
 
 
 def bits_heatmap(matrices: dict[str, Any], path: Path, title: str) -> None:
-    """PNG: bits per parameter of each matrix, layers × matrix types."""
+    """PNG: bits per parameter of Q for each matrix, layers × matrix types; beside it
+    each matrix's adapter rank when the matrices differ in rank (a joint
+    (config, rank) allocation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,18 +98,27 @@ def bits_heatmap(matrices: dict[str, Any], path: Path, title: str) -> None:
 
     types = list(dict.fromkeys(layer_type(n) for n in matrices))
     layers = sorted({layer_index(n) for n in matrices if layer_index(n) is not None})
-    grid = np.full((len(layers), len(types)), np.nan)
-    for name, entry in matrices.items():
-        index = layer_index(name)
-        if index is not None:
-            grid[layers.index(index), types.index(layer_type(name))] = entry["bits"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(types) + 2, 0.25 * len(layers) + 1.8))
-    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xticks(range(len(types)), types, rotation=30, ha="right")
-    ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="bits per parameter")
+
+    def layer_grid(key: str) -> np.ndarray:
+        grid = np.full((len(layers), len(types)), np.nan)
+        for name, entry in matrices.items():
+            index = layer_index(name)
+            if index is not None:
+                grid[layers.index(index), types.index(layer_type(name))] = entry[key]
+        return grid
+
+    panels = [("bits", "viridis", "bits per parameter of Q")]
+    if len({m["rank"] for m in matrices.values() if "rank" in m}) > 1:
+        panels.append(("rank", "magma", "adapter rank"))
+    width = 1.2 * len(types) + 2
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 0.25 * len(layers) + 1.8), squeeze=False)
+    for ax, (key, cmap, label) in zip(axes[0], panels, strict=True):
+        image = ax.imshow(layer_grid(key), aspect="auto", cmap=cmap, interpolation="nearest")
+        ax.set_xticks(range(len(types)), types, rotation=30, ha="right")
+        ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
+        ax.set_ylabel("layer")
+        fig.colorbar(image, ax=ax, label=label)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
