@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from qpeft import __version__
@@ -310,9 +311,9 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     s = manifest["summary"]
     print(format_type_table(manifest["by_type"]))
     target = _budget_text(s) or f"config {manifest['settings']['grid'][0]}"
-    ranks = sorted({m.get("rank", 0) for m in manifest["quantized"].values()})
     if len(manifest["settings"]["ranks"]) > 1:
-        target += f"; ranks chosen {','.join(map(str, ranks))}"
+        ranks = Counter(m.get("rank", 0) for m in manifest["quantized"].values())
+        target += "; matrices per rank " + ", ".join(f"{r}: {n}" for r, n in sorted(ranks.items()))
     line = (
         f"wrote {args.out} ({_checkpoint_size(args.out)}): "
         f"{s['matrices']} matrices, Q {s['bits_per_param']:.4f} bits/param ({target}); "
