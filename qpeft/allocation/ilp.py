@@ -72,8 +72,12 @@ class Budget:
         return "--total-budget" if self.total else "--budget"
 
     @property
+    def name(self) -> str:
+        return "total budget" if self.total else "budget"
+
+    @property
     def label(self) -> str:
-        return f"{'total budget' if self.total else 'budget'} {self.bits:g}"
+        return f"{self.name} {self.bits:g}"
 
 
 @dataclass

@@ -122,7 +122,7 @@ def plan_matrices(
             choices = f"configs at rank {ranks[0]}"
         else:
             choices = "configs"
-        check_budget(budget.bits, bits, numel, False, budget.label.rsplit(" ", 1)[0], choices)
+        check_budget(budget.bits, bits, numel, False, budget.name, choices)
     return names, numel, shapes
 
 
