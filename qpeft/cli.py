@@ -322,6 +322,11 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     if "bits_with_lowrank_nf8" in s:
         line += f", L1/L2 as NF8 {s['bits_with_lowrank_nf8']:.4f}"
     print(line + f"; heat map {args.out / 'bits_heatmap.png'}")
+    if _budget_text(s) and s.get("objective") is not None and s["ilp_objective"] > 0:  # allocated by the ILP
+        print(
+            f"cost of the stored split {s['objective']:.6g}, "
+            f"{s['objective'] / s['ilp_objective']:.4f}x the ILP's {s['ilp_objective']:.6g} (the table's prices)"
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

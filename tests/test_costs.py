@@ -168,7 +168,7 @@ def test_scale_dtype_siblings_share_one_fit_that_prices_each_validly(monkeypatch
     scale dtypes. Every cost stays that of a valid decomposition (at most the config's
     own Q with L = 0), and at 3 bits, where the scale dtype barely moves Q, the siblings
     priced on the fp16 member's fit cost what it costs."""
-    import qpeft.methods.lqlora as costs_module
+    import qpeft.methods.lqlora.pricing as costs_module
 
     torch.manual_seed(5)
     w = torch.randn(64, 128) * 0.02 + 0.01 * torch.randn(64, 3) @ torch.randn(3, 128)
@@ -190,3 +190,61 @@ def test_scale_dtype_siblings_share_one_fit_that_prices_each_validly(monkeypatch
     for j, config in enumerate(grid):
         sibling = next(k for k, g in enumerate(grid) if g.scale_dtype == "fp16" and g.name.startswith(config.name[:-5]))
         assert costs[j] == pytest.approx(costs[sibling], rel=0.03), config.name
+
+
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_priced_decomposition_is_the_decomposition_behind_each_price(elementwise):
+    """Rerun alone, one config's table path gives a decomposition whose cost (Q =
+    quant(quant_input), L1·L2 = left @ right, recomputed here) is the table's price
+    for the configs the table refined, and at most it for every other config."""
+    from qpeft.methods.lqlora.pricing import priced_decomposition
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(48, 128, generator=g) * 0.02 + 0.01 * torch.randn(48, 3, generator=g) @ torch.randn(
+        3, 128, generator=g
+    )
+    r, c = torch.rand(48, generator=g) + 0.5, torch.rand(128, generator=g) + 0.5
+    fisher = torch.rand(48, 128, generator=g).square() * (torch.rand(48, 1, generator=g) + 0.1) if elementwise else None
+    grid = [g for g in parse_grid("lqlora") if g.block_size in (32, 64) and g.bits in (2, 3)][::3]
+    costs = matrix_costs(w, grid, 3, r, c, fisher=fisher)
+    weights = fisher if elementwise else element_weights(tuple(w.shape), r, c)
+    hull = set(hull_configs(costs, np.array([g.bits_per_param for g in grid])))
+    for j, config in enumerate(grid):
+        priced = priced_decomposition(w, grid, j, 3, r, c, fisher=fisher)
+        diff = w - simulate(priced.quant_input, config) - priced.left @ priced.right
+        recomputed = float((weights * diff.square()).sum())
+        assert priced.cost == pytest.approx(recomputed, rel=1e-4), config.name
+        if j in hull:
+            assert priced.cost == pytest.approx(costs[j], rel=1e-6), config.name
+        assert priced.cost <= costs[j] * (1 + 1e-6), config.name
+
+
+def test_the_split_writes_the_cheaper_of_the_table_path_and_a_cold_alternation():
+    """LQ-LoRA's split (round-to-nearest) stores a decomposition that costs at most the
+    table's price and at most a cold alternation's, up to storing L1/L2 in bf16; its
+    report's cost is that of the stored tensors."""
+    from qpeft.calibration.fisher import FisherStats
+    from qpeft.methods.lqlora import LQLoRA
+
+    g = torch.Generator().manual_seed(8)
+    w = (
+        torch.randn(64, 256, generator=g) * 0.02
+        + torch.randn(64, 4, generator=g) @ torch.randn(4, 256, generator=g) * 0.01
+    )
+    w[:, :3] *= 25  # coarse scales: the table's one-step fits beat the cold alternation here
+    r, c = torch.rand(64, generator=g) + 0.5, torch.rand(256, generator=g) + 0.5
+    method = LQLoRA(FisherStats({"w": r.square()}, {"w": c.square()}), rounding="nearest")
+    row, col = method._weights("w", w.device)
+    grid = [g for g in parse_grid("lqlora") if g.bits in (2, 3) and g.block_size == 64]
+    costs = method.costs("w", w, grid, 4)
+    weights = element_weights(tuple(w.shape), row, col)
+    sources = set()
+    for j, config in enumerate(grid):
+        split = method.split("w", w, config, 4, grid)
+        diff = w - dequantize(split.quantized) - split.adapter.delta_weight()
+        assert split.report["cost"] == pytest.approx(float((weights * diff.square()).sum()), rel=1e-4)
+        cold = alternate(w, lambda x, c=config: simulate(x, c), 4, row, col, generator=torch.Generator().manual_seed(0))
+        cold_cost = cold.error**2 / float(row.square().mean())
+        assert split.report["cost"] <= min(costs[j], cold_cost) * 1.002, config.name
+        sources.add(split.report["init"])
+    assert "cold" in sources and sources - {"cold"}  # both paths win somewhere

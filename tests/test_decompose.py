@@ -409,6 +409,11 @@ def test_total_budget_with_ranks_picks_config_and_rank_jointly(tiny_model_dir, t
     picked = {n: (grid[k % len(grid)].name, [0, 2, 4][k // len(grid)]) for n, k in zip(names, choice, strict=True)}
     assert picked == {n: (m["config"], m["rank"]) for n, m in matrices.items()}
     assert summary["ilp_objective"] == pytest.approx(sum(m["table_cost"] for m in matrices.values()), rel=1e-9)
+    # what was written costs what its matrices' splits cost, at most the table's price
+    # (gptq rounding and bf16 factors aside, round-to-nearest here)
+    assert summary["objective"] == pytest.approx(sum(m["cost"] for m in matrices.values()), rel=1e-9)
+    assert summary["objective"] <= summary["ilp_objective"] * 1.002
+    assert f"cost of the stored split {summary['objective']:.6g}" in stdout
     assert len({m["rank"] for m in matrices.values()}) > 1  # this budget makes rank pay in some matrices only
     per_rank = Counter(m["rank"] for m in matrices.values())
     assert "total budget 4.5; matrices per rank " + ", ".join(f"{r}: {per_rank[r]}" for r in sorted(per_rank)) in stdout

@@ -64,7 +64,12 @@ class Method(Protocol):
 
     def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig], rank: int) -> np.ndarray: ...
 
-    def split(self, name: str, weight: torch.Tensor, config: QuantConfig, rank: int) -> Split: ...
+    def split(
+        self, name: str, weight: torch.Tensor, config: QuantConfig, rank: int, grid: Sequence[QuantConfig] = ()
+    ) -> Split:
+        """`weight` under `config` at `rank`; `grid` is the cost table's configs, for a
+        method whose split reruns the path that priced `config`."""
+        ...
 
     def calibrations(self) -> dict[str, Any]:
         """Calibration results by manifest key (each with a `metadata` dict), None if unused."""

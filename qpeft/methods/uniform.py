@@ -54,7 +54,9 @@ class Uniform:
     def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig], rank: int) -> np.ndarray:
         return uniform_costs(weight, grid)
 
-    def split(self, name: str, weight: torch.Tensor, config: QuantConfig, rank: int) -> Split:
+    def split(
+        self, name: str, weight: torch.Tensor, config: QuantConfig, rank: int, grid: Sequence[QuantConfig] = ()
+    ) -> Split:
         return Split(self._gptq(name, weight.device).quantize(weight.float(), config), report={"rank": 0})
 
     def calibrations(self) -> dict[str, Any]:

@@ -66,12 +66,12 @@ CALIBRATION_LABELS = {"fisher": "Fisher", "grams": "activations"}
 
 
 def _split_matrix(
-    weight: torch.Tensor, config: QuantConfig, rank: int, method: Method, name: str
+    weight: torch.Tensor, config: QuantConfig, rank: int, method: Method, name: str, grid: Sequence[QuantConfig]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The manifest entry of one matrix under its config and rank, and its stored
-    tensors (on the CPU) by checkpoint key."""
+    """The manifest entry of one matrix under its config and rank (`grid`: the cost
+    table's configs), and its stored tensors (on the CPU) by checkpoint key."""
     w = weight.float()
-    split = method.split(name, w, config, rank)
+    split = method.split(name, w, config, rank, grid)
     tensors = {f"{name}.{part}": value.cpu() for part, value in split.quantized.tensors().items()}
     adapter = {} if split.adapter is None else split.adapter.state_dict()
     tensors |= {f"{name}.adapter.{part}": value.detach().cpu() for part, value in adapter.items()}
@@ -196,7 +196,7 @@ def decompose_model(
         for name, owner in owners.items():
             if owner == rank_id:
                 tensor = weights.tensor(f"{name}.weight").to(device)
-                sender.send(_split_matrix(tensor, *chosen[name], method, name))
+                sender.send(_split_matrix(tensor, *chosen[name], method, name, grid))
         sender.close()
         return None
     received = dict.fromkeys(range(world), 0)  # objects taken from each rank so far
@@ -207,7 +207,7 @@ def decompose_model(
 
     def split(name: str, tensor: torch.Tensor) -> dict[str, Any]:
         if owners[name] == 0:
-            entry, tensors = _split_matrix(tensor.to(device), *chosen[name], method, name)
+            entry, tensors = _split_matrix(tensor.to(device), *chosen[name], method, name, grid)
         else:
             entry, tensors = receive_object(owners[name], received[owners[name]], device)
             received[owners[name]] += 1
@@ -225,10 +225,13 @@ def decompose_model(
         budgets = {"budget": None, "total_budget": None}
         if budget is not None:
             budgets["total_budget" if budget.total else "budget"] = budget.bits
+        written = [m.get("cost") for m in matrices.values()]
         summary = (
             summarise(matrices)
             | budgets
             | {
+                # the cost of what was written, in the table's measure; the ILP's is the table's
+                "objective": None if None in written else float(sum(written)),
                 "ilp_objective": allocation.cost,
                 "ilp_average_bits": allocation.average_bits,
                 "ilp_variables": allocation.kept_variables,

@@ -95,7 +95,9 @@ class QWHA:
         count = parameter_count(rank, tuple(weight.shape))
         return qwha_matrix_costs(weight, grid, self._solver(name, weight.device), count, self.alpha, self.refine)
 
-    def split(self, name: str, weight: torch.Tensor, config: QuantConfig, rank: int) -> Split:
+    def split(
+        self, name: str, weight: torch.Tensor, config: QuantConfig, rank: int, grid: Sequence[QuantConfig] = ()
+    ) -> Split:
         quantized = quantize(weight, config)
         report: dict[str, Any] = {"rank": rank}
         if rank == 0:
