@@ -248,3 +248,69 @@ def test_the_split_writes_the_cheaper_of_the_table_path_and_a_cold_alternation()
         assert split.report["cost"] <= min(costs[j], cold_cost) * 1.002, config.name
         sources.add(split.report["init"])
     assert "cold" in sources and sources - {"cold"}  # both paths win somewhere
+
+
+def _kfac_problem(seed: int):
+    """A matrix, Fisher row/column weights and correlated inputs' XᵀX."""
+    from qpeft.calibration.activations import InputGrams
+    from qpeft.calibration.fisher import FisherStats
+
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = 48, 128
+    w = torch.randn(rows, cols, generator=g) * 0.02 + 0.01 * torch.randn(rows, 3, generator=g) @ torch.randn(
+        3, cols, generator=g
+    )
+    mix = torch.randn(cols, cols, generator=g) * 0.3 + torch.eye(cols)  # correlated input channels
+    x = (torch.randn(1024, cols, generator=g) * torch.rand(cols, generator=g).add(0.2)) @ mix
+    grams = InputGrams({"w": (x.T @ x).double()}, {"w": "w"}, 1024)
+    row_mean, col_mean = torch.rand(rows, generator=g) + 0.2, torch.rand(cols, generator=g) + 0.2
+    col_mean *= row_mean.mean() / col_mean.mean()  # both average the one Fisher
+    return w, FisherStats({"w": row_mean}, {"w": col_mean}), grams
+
+
+def test_kfac_measure_is_row_energy_times_input_covariance():
+    """K-FAC prices δ as Σ_i a_i·δ_i Σ δ_iᵀ, a_i = r_i² / mean(diag Σ); with a
+    diagonal Σ proportional to the Fisher's column means it is the F̂ price."""
+    from qpeft.methods.lqlora.pricing import cost_measure
+
+    w, fisher, grams = _kfac_problem(11)
+    row, col = fisher.weights("w")
+    sigma = grams.second_moment("w").float()
+    diff = torch.randn_like(w) * 0.01
+    _, kfac = cost_measure(w, row, col, second_moment=sigma)
+    a = row.square() / sigma.diagonal().mean()
+    assert kfac(diff) == pytest.approx(float((a * ((diff @ sigma) * diff).sum(dim=1)).sum()), rel=1e-5)
+    weights, fisher_price = cost_measure(w, row, col)
+    _, diagonal = cost_measure(w, row, col, second_moment=torch.diag(col.square()) * 7.0)
+    assert diagonal(diff) == pytest.approx(fisher_price(diff), rel=1e-5)
+    assert fisher_price(diff) == pytest.approx(float((weights * diff.square()).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_kfac_costs_price_what_the_gptq_split_writes(rank):
+    """With kfac costs and gptq rounding, the configs an allocation can pick (the hull)
+    are priced as the split writes them: the split of each costs at most the table's
+    price, in the K-FAC measure; and GPTQ, which lowers output errors, makes those
+    prices lower than round-to-nearest's."""
+    from qpeft.methods.lqlora import LQLoRA
+
+    w, fisher, grams = _kfac_problem(12)
+    grid = [g for g in parse_grid("lqlora") if g.block_size == 64 and g.scale_dtype == "fp16"][::2]
+    kfac = LQLoRA(fisher, rounding="gptq", grams=grams, cost="kfac")
+    nearest = LQLoRA(fisher, rounding="nearest", grams=grams, cost="kfac")
+    assert kfac.split_only == () and LQLoRA(fisher).split_only == ("rounding", "grams")
+    costs, rtn = kfac.costs("w", w, grid, rank), nearest.costs("w", w, grid, rank)
+    hull = hull_configs(costs, np.array([g.bits_per_param for g in grid]))
+    for j in hull:
+        split = kfac.split("w", w, grid[j], rank, grid)
+        assert split.report["cost"] <= costs[j] * (1 + 1e-6), grid[j].name
+        assert costs[j] < rtn[j], grid[j].name
+
+
+def test_kfac_costs_need_activations():
+    from qpeft.methods.lqlora import LQLoRA
+
+    with pytest.raises(QpeftError, match=r"^kfac costs needs the calibration activations \(XᵀX\)$"):
+        LQLoRA(cost="kfac")
+    with pytest.raises(QpeftError, match=r"^unknown cost 'l2': choose fisher or kfac$"):
+        LQLoRA(cost="l2")

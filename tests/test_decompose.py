@@ -143,6 +143,29 @@ def test_gptq_rounding_lowers_the_output_error(tiny_model_dir, tmp_path, capsys,
     assert_one_line_error(code, err, "--rounding is for --method lqlora only, not qwha")
 
 
+def test_kfac_costs_price_the_gptq_split_that_is_written(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--cost kfac: the table is priced in the K-FAC measure with GPTQ rounding, so the
+    cost of what is written is at most the ILP's objective (the table's prices of the
+    configs picked), and the table cannot be reused for another rounding."""
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
+    calib = ["--calib-sequences", 4, "--calib-seqlen", 32]
+    argv = ["--budget", "3", "--rank", 2, "--configs", SMALL_GRID, *calib]
+    code, stdout, err = decompose(capsys, tiny_model_dir, tmp_path / "kfac", *argv, "--cost", "kfac")
+    assert code == 0, err
+    manifest = read_manifest(tmp_path / "kfac")
+    summary = manifest["summary"]
+    assert manifest["settings"]["method_settings"]["cost"] == "kfac" and manifest["settings"]["split"] == {}
+    assert summary["objective"] <= summary["ilp_objective"] * (1 + 1e-6)
+    assert f"cost of the stored split {summary['objective']:.6g}" in stdout
+    for entry in manifest["quantized"].values():
+        assert entry["cost"] <= entry["table_cost"] * (1 + 1e-6)
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "n", *argv, "--cost", "kfac", "--rounding", "nearest",
+                             "--costs", tmp_path / "kfac")  # fmt: skip
+    assert_one_line_error(code, err, "was computed with other method_settings")
+    code, _, err = decompose(capsys, tiny_model_dir, tmp_path / "e", *argv, "--cost", "kfac", "--fisher-elementwise")
+    assert_one_line_error(code, err, "--fisher-elementwise prices with the diagonal Fisher: drop it, or --cost kfac")
+
+
 def test_grams_that_cannot_fit_in_memory_stop_before_the_slow_stages(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """The bound counts 8·d_in² bytes per selected matrix of a decoder layer, and per
     process; the error names the way out."""

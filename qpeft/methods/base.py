@@ -60,7 +60,7 @@ class Method(Protocol):
     are the calibration results it holds."""
 
     name: str
-    split_only: ClassVar[tuple[str, ...]]
+    split_only: tuple[str, ...]
 
     def costs(self, name: str, weight: torch.Tensor, grid: Sequence[QuantConfig], rank: int) -> np.ndarray: ...
 

@@ -73,10 +73,28 @@ def cost_measure(
     row_weight: torch.Tensor | None,
     col_weight: torch.Tensor | None,
     fisher: torch.Tensor | None = None,
+    second_moment: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, Price]:
-    """The elementwise weights of the costs (None: all ones) and the price of a
-    difference δ: Σ F̂·δ² = ‖diag(r)·δ·diag(c)‖²_F / mean(F), or Σ F·δ² given the full
-    Fisher diagonal `fisher`."""
+    """The elementwise weights of the costs (None: all ones, or not elementwise) and
+    the price of a difference δ:
+
+    * Σ F̂·δ² = ‖diag(r)·δ·diag(c)‖²_F / mean(F), the row × column Fisher (§3.2);
+    * Σ F·δ² given the full Fisher diagonal `fisher`;
+    * K-FAC given the layer input's second moment Σ = XᵀX / tokens: Σ_i a_i·δ_i Σ δ_iᵀ
+      with a_i = r_i² / mean(diag Σ), the output-gradient energy of row i times the
+      full input covariance (without a Fisher a_i = 1 / mean(diag Σ)). For a diagonal
+      Σ proportional to the Fisher's column means it equals Σ F̂·δ², so costs of
+      different matrices stay on the Fisher's scale; unlike F̂ it sees correlated
+      input errors, which GPTQ rounding trades on."""
+    if second_moment is not None:
+        sigma = second_moment.to(device=weight.device, dtype=torch.float32)
+        row_mean = torch.ones(weight.shape[0], device=weight.device) if row_weight is None else row_weight.square()
+        energy = row_mean.float() / sigma.diagonal().mean().clamp(min=1e-30)
+
+        def price_kfac(diff: torch.Tensor) -> float:
+            return float(((diff @ sigma) * diff).sum(dim=1) @ energy)
+
+        return None, price_kfac
     if fisher is None:
         weights = element_weights(tuple(weight.shape), row_weight, col_weight)
         fisher_mean = 1.0 if weights is None else float(row_weight.float().square().mean())
@@ -91,6 +109,10 @@ def cost_measure(
         return float((weights * diff.square()).sum())
 
     return weights, price_elementwise
+
+
+# (L1, L2, config) → W − Ŵ as the split stores it: Q in the rounding that is written
+Written = Callable[[torch.Tensor, torch.Tensor, QuantConfig], torch.Tensor]
 
 
 @dataclass
@@ -167,6 +189,8 @@ def matrix_costs(
     refine_iters: int = 5,
     refine: str = "hull",
     fisher: torch.Tensor | None = None,
+    second_moment: torch.Tensor | None = None,
+    written: Written | None = None,
 ) -> np.ndarray:
     """Cost of `weight` (fp32 on its device) under each config, in the order given.
 
@@ -176,17 +200,25 @@ def matrix_costs(
     or with `refine` "front" / "all" on the front or every config) a
     `refine_iters`-step alternation from that fit.
     `refine_iters=0` stops after the one-step fits. `fisher` (the full Fisher
-    diagonal, shaped like `weight`) prices every decomposition by Σ F·δ² instead
-    of F̂."""
+    diagonal, shaped like `weight`) or `second_moment` (K-FAC) set the measure, as in
+    `cost_measure`. With `written` the configs of that set are then priced as the
+    split writes them (their best factors, Q in the written rounding), until the set
+    holds such prices only: the costs of the configs an allocation picks are those of
+    what would be written (issue 19, cause 2)."""
     w = weight.float()
-    weights, price = cost_measure(w, row_weight, col_weight, fisher)
+    weights, price = cost_measure(w, row_weight, col_weight, fisher, second_moment)
     path = _Path(w, rank, row_weight, col_weight, seed, max_iters, rel_tol, refine_iters)
     costs = np.empty(len(configs))
     fits: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # config index → its one-step (L1, L2)
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # config index → the (L1, L2) of its price
     for group in group_configs(configs):
         members = [configs[j] for j in group]
         if rank == 0:
-            costs[group] = members[0].shared_levels(w).errors(members, weights)
+            levels = members[0].shared_levels(w)
+            if weights is None and second_moment is not None:
+                costs[group] = [price(w - levels.values(c, w.shape)) for c in members]
+            else:
+                costs[group] = levels.errors(members, weights)
             continue
         anchor = path.anchor(members[0])
         residual = w - anchor.left @ anchor.right
@@ -201,19 +233,34 @@ def matrix_costs(
             left, right = fits[j] = shared[config.fit_key]
             # priced from the values the fit needs anyway: Q(W − L1·L2) on the anchor's
             # factors, then on this config's one-step fit
-            costs[j] = min(price(residual - quantized), price(target - left @ right))
-    if rank == 0 or refine_iters == 0:
-        return costs
+            on_anchor, on_fit = price(residual - quantized), price(target - left @ right)
+            costs[j] = min(on_anchor, on_fit)
+            factors[j] = (anchor.left, anchor.right) if on_anchor <= on_fit else fits[j]
     bits = np.array([c.bits_per_param for c in configs])
     refined: set[int] = set()
-    while True:
-        todo = set(REFINED_SETS[refine](costs, bits)) - refined
-        if not todo:
-            return costs
+
+    def refine_config(j: int) -> None:
+        result = path.refine(configs[j], fits[j])
+        cost = price(w - simulate(result.quant_input, configs[j]) - result.left @ result.right)
+        if cost < costs[j]:
+            costs[j], factors[j] = cost, (result.left, result.right)
+        refined.add(j)
+
+    if rank and refine_iters:
+        while todo := set(REFINED_SETS[refine](costs, bits)) - refined:
+            for j in sorted(todo):
+                refine_config(j)
+    if written is None:
+        return costs
+    none = w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1])
+    as_written: set[int] = set()
+    while todo := set(REFINED_SETS[refine](costs, bits)) - as_written:
         for j in sorted(todo):
-            result = path.refine(configs[j], fits[j])
-            costs[j] = min(costs[j], price(w - simulate(result.quant_input, configs[j]) - result.left @ result.right))
-            refined.add(j)
+            if rank and refine_iters and j not in refined:
+                refine_config(j)
+            costs[j] = price(written(*factors.get(j, none), configs[j]))
+            as_written.add(j)
+    return costs
 
 
 def priced_decomposition(
@@ -228,13 +275,15 @@ def priced_decomposition(
     rel_tol: float = 1e-3,
     refine_iters: int = 5,
     fisher: torch.Tensor | None = None,
+    second_moment: torch.Tensor | None = None,
 ) -> Priced:
     """The decomposition behind `matrix_costs`' price of `configs[index]` (same
     arguments): its table path rerun alone, refined whether or not the table refined
-    it, so that its cost is at most the table's (equal where the table refined it)."""
+    it, so that its cost is at most the table's (equal where the table refined it).
+    Its factors are those the table priced the written rounding with."""
     w = weight.float()
     config = configs[index]
-    _, price = cost_measure(w, row_weight, col_weight, fisher)
+    _, price = cost_measure(w, row_weight, col_weight, fisher, second_moment)
     if rank == 0:
         none = w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1])
         return Priced(w, *none, price(w - simulate(w, config)), "anchor")
