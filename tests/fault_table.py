@@ -269,6 +269,11 @@ ROWS: list[BadInput] = [
         "--costs: {tmp}/none does not exist",
     ),
     _row(
+        "kfac costs with an elementwise Fisher",
+        "decompose {tiny} --budget 3 --rank 4 --cost kfac --fisher-elementwise --out {tmp}/o",
+        "--fisher-elementwise prices with the diagonal Fisher: drop it, or --cost kfac",
+    ),
+    _row(
         "empty Fisher file",
         "decompose {tiny} --budget 3 --rank 4 --rounding nearest --fisher {tmp}/fisher.safetensors --out {tmp}/o",
         "cannot read the Fisher file {tmp}/fisher.safetensors…",
