@@ -99,6 +99,18 @@ def split_owners(weights: SafetensorsWeights, names: Sequence[str], world: int) 
     return {name: i % world for i, name in enumerate(streamed)}
 
 
+@dataclass
+class MatrixPlan:
+    """The selected matrices: names, sizes and shapes, and the exact stored bits per
+    parameter of every cost-table column (`storage_bits_table`; the adapter's
+    included under a total budget)."""
+
+    names: list[str]
+    numel: list[int]
+    shapes: dict[str, tuple[int, int]]
+    bits: np.ndarray
+
+
 def plan_matrices(
     model_dir: Path,
     targets: Sequence[str],
@@ -106,16 +118,17 @@ def plan_matrices(
     budget: Budget | None,
     ranks: Sequence[int] = (0,),
     adapter_bits: AdapterBits | None = None,
-) -> tuple[list[str], list[int], dict[str, tuple[int, int]]]:
-    """The selected matrices, their sizes and shapes; errors (before any slow stage) if
+) -> MatrixPlan:
+    """The selected matrices and their stored bits; errors (before any slow stage) if
     one is missing from the weights or the budget cannot be met or used whole (None:
     one uniform config). A total budget counts the adapter's bits (`adapter_bits`)."""
     shapes = stored_linear(model_dir, SafetensorsWeights(model_dir), targets)
     names, numel = list(shapes), [rows * cols for rows, cols in shapes.values()]
     if budget is None and len(grid) != 1:
         raise QpeftError("give a bit budget, or a single config")
+    total = budget is not None and budget.total
+    bits = storage_bits_table(grid, list(shapes.values()), ranks, adapter_bits if total else None)
     if budget is not None:
-        bits = storage_bits_table(grid, list(shapes.values()), ranks, adapter_bits if budget.total else None)
         if len(ranks) > 1:
             choices = "(config, rank) pairs"
         elif budget.total:
@@ -123,7 +136,7 @@ def plan_matrices(
         else:
             choices = "configs"
         check_budget(budget.bits, bits, numel, False, budget.name, choices)
-    return names, numel, shapes
+    return MatrixPlan(names, numel, shapes, bits)
 
 
 def decompose_model(
@@ -152,7 +165,8 @@ def decompose_model(
     rank_id, world = rank_and_world()
     started = time.perf_counter()
     weights = SafetensorsWeights(model_dir)
-    names, numel, shapes = plan_matrices(model_dir, targets, grid, budget, ranks, adapter_bits)
+    plan = plan_matrices(model_dir, targets, grid, budget, ranks, adapter_bits)
+    names, numel, bits = plan.names, plan.numel, plan.bits
     calibration = method_settings(method)
     costed = {k: v for k, v in calibration.items() if k not in method.split_only}
     settings = DecomposeSettings(
@@ -176,8 +190,6 @@ def decompose_model(
 
     # rank 0 solves the allocation; every process then splits a share of the matrices
     solve_start = time.perf_counter()
-    total = budget is not None and budget.total
-    bits = storage_bits_table(grid, list(shapes.values()), ranks, adapter_bits if total else None)
     allocation = None
     if rank_id == 0 and uniform:
         average = float((bits[:, 0] * np.asarray(numel)).sum() / sum(numel))
@@ -404,7 +416,8 @@ def run_decompose(request: DecomposeRequest) -> dict[str, Any] | None:
     device = init_distributed(r.device)
     model_dir = resolve_model(r.model)
     # fail before the slow stages
-    names, _, shapes = plan_matrices(model_dir, targets, grid, budget, ranks, r.plugin.adapter_bits)
+    plan = plan_matrices(model_dir, targets, grid, budget, ranks, r.plugin.adapter_bits)
+    names, shapes = plan.names, plan.shapes
     check_rank(r.plugin, max(ranks), shapes, "--rank" if r.ranks is None else "--ranks")
     if r.resume and rank_and_world()[0] == 0:
         remove_partials(r.out)  # what a killed write left
