@@ -200,6 +200,7 @@ def decompose_model(
     choice = broadcast_object(None if allocation is None else allocation.choice, device)
     # column k of the table: rank ranks[k // C], config grid[k % C]
     chosen = {name: (grid[k % len(grid)], ranks[k // len(grid)]) for name, k in zip(names, choice, strict=True)}
+    priced = () if uniform else grid  # the configs a table priced, whose path the split may rerun
     owners = split_owners(weights, names, world)
 
     write_start = time.perf_counter()
@@ -208,7 +209,7 @@ def decompose_model(
         for name, owner in owners.items():
             if owner == rank_id:
                 tensor = weights.tensor(f"{name}.weight").to(device)
-                sender.send(_split_matrix(tensor, *chosen[name], method, name, grid))
+                sender.send(_split_matrix(tensor, *chosen[name], method, name, priced))
         sender.close()
         return None
     received = dict.fromkeys(range(world), 0)  # objects taken from each rank so far
@@ -219,7 +220,7 @@ def decompose_model(
 
     def split(name: str, tensor: torch.Tensor) -> dict[str, Any]:
         if owners[name] == 0:
-            entry, tensors = _split_matrix(tensor.to(device), *chosen[name], method, name, grid)
+            entry, tensors = _split_matrix(tensor.to(device), *chosen[name], method, name, priced)
         else:
             entry, tensors = receive_object(owners[name], received[owners[name]], device)
             received[owners[name]] += 1

@@ -142,13 +142,13 @@ class LQLoRA:
         self, name: str, weight: torch.Tensor, config: QuantConfig, rank: int, grid: Sequence[QuantConfig] = ()
     ) -> Split:
         """Q + L1·L2 of `weight` under `config`, from the decomposition the cost table
-        priced (`grid` its configs, `priced_decomposition`) or from a cold alternation
-        under `config`, whichever costs less as stored (after GPTQ and the refit, with
+        priced (`grid` its configs, `priced_decomposition`; none without a table) or
+        from a cold alternation under `config`, whichever costs less as stored (after GPTQ and the refit, with
         gptq rounding). The report's `cost` is that of what is stored, in the table's
         measure."""
         m = self._measure(name, weight)
         best: tuple[float, Split] | None = None
-        for candidate in self._candidates(weight, config, rank, list(grid) or [config], m):
+        for candidate in self._candidates(weight, config, rank, list(grid), m):
             split = Split(quantize(candidate.quant_input, config), report={"rank": rank, "init": candidate.source})
             split.adapter = _adapter(weight, candidate.left, candidate.right)
             if self.rounding == "gptq":
@@ -172,23 +172,24 @@ class LQLoRA:
     def _candidates(
         self, weight: torch.Tensor, config: QuantConfig, rank: int, grid: list[QuantConfig], m: _Measure
     ) -> list[Priced]:
-        """The table's path for `config` and a cold `max_iters` alternation under it
-        (the table's anchor is the group's finest scale format, which a cold run under
-        a coarse one can beat); rank 0 has one decomposition, Q = quant(W)."""
-        index = grid.index(config) if config in grid else None
-        if index is None:
-            grid, index = [config], 0
-        priced = priced_decomposition(
-            weight, grid, index, rank, m.row, m.col, self.seed, self.max_iters, self.rel_tol, self.refine_iters,
-            m.element, m.sigma,
-        )  # fmt: skip
+        """The table's path for `config` (when `grid`, the table's configs, holds it) and
+        a cold `max_iters` alternation under it (the table's anchor is the group's
+        finest scale format, which a cold run under a coarse one can beat); rank 0 has
+        one decomposition, Q = quant(W)."""
+        candidates = []
+        if config in grid or rank == 0:
+            grid, index = (grid, grid.index(config)) if config in grid else ([config], 0)
+            candidates.append(priced_decomposition(
+                weight, grid, index, rank, m.row, m.col, self.seed, self.max_iters, self.rel_tol, self.refine_iters,
+                m.element, m.sigma,
+            ))  # fmt: skip
         if rank == 0:
-            return [priced]
+            return candidates
         generator = torch.Generator(device=weight.device).manual_seed(self.seed)
         quant = lambda x: simulate(x, config)  # noqa: E731
         cold = alternate(weight, quant, rank, m.row, m.col, self.max_iters, self.rel_tol, generator)
         cost = m.price(weight - simulate(cold.quant_input, config) - cold.left @ cold.right)
-        return [priced, Priced(cold.quant_input, cold.left, cold.right, cost, "cold")]
+        return [*candidates, Priced(cold.quant_input, cold.left, cold.right, cost, "cold")]
 
     def _gptq_split(
         self, name: str, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, config: QuantConfig, m: _Measure
