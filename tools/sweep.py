@@ -30,8 +30,9 @@ A spec (see tools/sweeps/):
           - {script: peers.py, argv: [hqq, --nbits, 3, --group-size, 64, --out, "{out}"]}
 
 `{out}` is WORKDIR/<row's slug>, `{work}` is WORKDIR, `{row:LABEL}` another row's
-`{out}`. Each command runs in a child process as a user would run it (`nproc` > 1:
-under torchrun, one thread per process). Finished steps and evaluations are recorded
+`{out}`, and `{NAME}` the spec's `vars: {NAME: value}` (or `--var NAME=value`). Each
+command runs in a child process as a user would run it (`nproc` > 1: under
+torchrun, one thread per process). Finished steps and evaluations are recorded
 in WORKDIR/sweep.json (written atomically), so an interrupted sweep continues where
 it stopped; a step interrupted inside `qpeft decompose` is continued with --resume.
 
@@ -99,8 +100,9 @@ def lower_frontier(points: dict[str, tuple[float, float]]) -> list[str]:
 
 
 class Sweep:
-    def __init__(self, spec: dict[str, Any], work: Path, eval_flags: list[str]) -> None:
+    def __init__(self, spec: dict[str, Any], work: Path, eval_flags: list[str], variables: dict[str, str]) -> None:
         self.spec, self.work, self.eval_flags = spec, work, eval_flags
+        self.variables = {str(k): str(v) for k, v in (spec.get("vars") or {}).items()} | variables
         self.rows = spec["rows"]
         labels = [row["label"] for row in self.rows]
         if len(set(map(slug, labels))) != len(labels):
@@ -115,6 +117,8 @@ class Sweep:
 
     def fill(self, text: object, row: dict[str, Any]) -> str:
         text = str(text).replace("{out}", str(self.work / slug(row["label"]))).replace("{work}", str(self.work))
+        for name, value in self.variables.items():
+            text = text.replace(f"{{{name}}}", value)
         return re.sub(r"\{row:([^}]+)\}", lambda m: str(self.work / slug(m.group(1))), text)
 
     def save(self) -> None:
@@ -188,7 +192,10 @@ class Sweep:
         return [row for row in self.rows if row["label"] in on]
 
     def table(self) -> str:
-        lines = [f"{self.spec.get('title', '')}", ""]
+        title = str(self.spec.get("title", ""))
+        for name, value in self.variables.items():
+            title = title.replace(f"{{{name}}}", value)
+        lines = [title, ""]
         peer_row = next((r for r in self.rows if r["label"] == self.spec.get("peer")), None)
         for domain in self.domains:
             full, screen = self.flags(domain, False), self.flags(domain, True)
@@ -257,7 +264,11 @@ def main() -> None:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--max-windows", type=int, help="override the spec's eval.max_windows")
     parser.add_argument("--table", action="store_true", help="print the table of what WORKDIR holds; run nothing")
+    parser.add_argument("--var", action="append", default=[], help="NAME=VALUE: {NAME} in the spec's commands")
     args = parser.parse_args()
+    if any("=" not in v for v in args.var):
+        raise SystemExit("--var takes NAME=VALUE")
+    variables = dict(v.split("=", 1) for v in args.var)
     spec = yaml.safe_load(args.spec.read_text())
     options = dict(spec.get("eval") or {})
     if args.max_windows is not None:
@@ -265,7 +276,7 @@ def main() -> None:
     given = {key: value for key, value in options.items() if value is not None}
     eval_flags = [flag for key, value in given.items() for flag in (f"--{key.replace('_', '-')}", str(value))]
     args.workdir.mkdir(parents=True, exist_ok=True)
-    sweep = Sweep(spec, args.workdir, eval_flags)
+    sweep = Sweep(spec, args.workdir, eval_flags, variables)
     if not args.table:
         for row in sweep.rows:
             sweep.build(row)
