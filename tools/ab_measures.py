@@ -18,20 +18,15 @@ tokens); then each table's seconds.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
-import torch
+from ab_split import matrices_of_layers  # tools/ab_split.py, beside this script
 
 from qpeft.allocation.cost_table import storage_bits_table
 from qpeft.allocation.ilp import ilp_allocate
-from qpeft.calibration.cache import calibrate, calibrate_activations
 from qpeft.methods.lqlora import LQLoRA
 from qpeft.methods.lqlora.pricing import cost_measure
-from qpeft.models.resolve import resolve_model
-from qpeft.models.selection import DEFAULT_TARGETS
-from qpeft.models.weights import SafetensorsWeights
 from qpeft.quant import dequantize, parse_grid
 
 MEASURES = ("fisher", "kfac")
@@ -39,21 +34,10 @@ COMMON = ("Fisher", "K-FAC", "output")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", default="0,15,29", help="decoder layers whose matrices to price")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--budgets", default="2.5,2.75,3.25,4")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    model_dir = resolve_model(None)
-    fisher = calibrate(model_dir, DEFAULT_TARGETS)[0]
-    grams = calibrate_activations(model_dir, DEFAULT_TARGETS)[0]
+    args, fisher, grams, tensors = matrices_of_layers(__doc__, "decoder layers whose matrices to price")
+    names = list(tensors)
     methods = {m: LQLoRA(fisher, rounding="gptq", grams=grams, cost=m) for m in MEASURES}
     grid = parse_grid("lqlora")
-    layers = {int(x) for x in args.layers.split(",")}
-    weights = SafetensorsWeights(model_dir)
-    names = sorted(n for n in fisher.row_mean if int(n.split(".layers.")[1].split(".")[0]) in layers)
-    tensors = {n: weights.tensor(f"{n}.weight").float() for n in names}
     costs = {m: np.empty((len(names), len(grid))) for m in MEASURES}
     seconds = dict.fromkeys(MEASURES, 0.0)
     for i, name in enumerate(names):

@@ -33,7 +33,9 @@ import torch
 from qpeft.allocation.cost_table import storage_bits_table
 from qpeft.allocation.costs import element_weights
 from qpeft.allocation.ilp import ilp_allocate
+from qpeft.calibration.activations import InputGrams
 from qpeft.calibration.cache import calibrate, calibrate_activations
+from qpeft.calibration.fisher import FisherStats
 from qpeft.methods.lqlora import LQLoRA
 from qpeft.methods.lqlora.alternation import lq_decompose
 from qpeft.models.resolve import resolve_model
@@ -48,9 +50,12 @@ def stored_delta(quantized, adapter) -> torch.Tensor:
     return recon if adapter is None else recon + adapter.delta_weight()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", default="0,15,29", help="decoder layers whose matrices to split")
+def matrices_of_layers(description: str, layers_help: str) -> tuple[argparse.Namespace, FisherStats, InputGrams, dict]:
+    """The A/B tools' command line (--layers, --rank, --budgets), one thread, and the
+    default calibration's Fisher and XᵀX (cached) with the chosen layers' SmolLM2
+    matrices by name (fp32), sorted."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="0,15,29", help=layers_help)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--budgets", default="2.5,2.75,3.25,4")
     args = parser.parse_args()
@@ -58,13 +63,18 @@ def main() -> None:
     model_dir = resolve_model(None)
     fisher = calibrate(model_dir, DEFAULT_TARGETS)[0]
     grams = calibrate_activations(model_dir, DEFAULT_TARGETS)[0]
-    nearest = LQLoRA(fisher, rounding="nearest")
-    gptq = LQLoRA(fisher, rounding="gptq", grams=grams)
-    grid = parse_grid("lqlora")
     layers = {int(x) for x in args.layers.split(",")}
     weights = SafetensorsWeights(model_dir)
     names = sorted(n for n in fisher.row_mean if int(n.split(".layers.")[1].split(".")[0]) in layers)
-    tensors = {n: weights.tensor(f"{n}.weight").float() for n in names}
+    return args, fisher, grams, {n: weights.tensor(f"{n}.weight").float() for n in names}
+
+
+def main() -> None:
+    args, fisher, grams, tensors = matrices_of_layers(__doc__, "decoder layers whose matrices to split")
+    names = list(tensors)
+    nearest = LQLoRA(fisher, rounding="nearest")
+    gptq = LQLoRA(fisher, rounding="gptq", grams=grams)
+    grid = parse_grid("lqlora")
     start = time.perf_counter()
     costs = np.array([nearest.costs(n, tensors[n], grid, args.rank) for n in names])
     seconds = time.perf_counter() - start
