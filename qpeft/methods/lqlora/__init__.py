@@ -143,20 +143,21 @@ class LQLoRA:
     ) -> Split:
         """Q + L1·L2 of `weight` under `config`, from the decomposition the cost table
         priced (`grid` its configs, `priced_decomposition`; none without a table) or
-        from a cold alternation under `config`, whichever costs less as stored (after GPTQ and the refit, with
-        gptq rounding). The report's `cost` is that of what is stored, in the table's
-        measure."""
+        from a cold alternation under `config`, whichever costs less as stored (after
+        GPTQ and the refit, with gptq rounding). The report's `cost` is that of what is
+        stored, in the table's measure."""
         m = self._measure(name, weight)
         best: tuple[float, Split] | None = None
         for candidate in self._candidates(weight, config, rank, list(grid), m):
-            split = Split(quantize(candidate.quant_input, config), report={"rank": rank, "init": candidate.source})
-            split.adapter = _adapter(weight, candidate.left, candidate.right)
+            report: dict[str, Any] = {"rank": rank, "init": candidate.source}
             if self.rounding == "gptq":
-                split.quantized, split.adapter, ratio = self._gptq_split(
-                    name, weight, candidate.left, candidate.right, config, m
-                )
+                quantized, adapter, ratio = self._gptq_split(name, weight, candidate.left, candidate.right, config, m)
                 if ratio is not None:
-                    split.report["refit_error_ratio"] = ratio
+                    report["refit_error_ratio"] = ratio
+                split = Split(quantized, adapter, report)
+            else:
+                adapter = _adapter(weight, candidate.left, candidate.right)
+                split = Split(quantize(candidate.quant_input, config), adapter, report)
             cost = m.price(_stored_diff(weight, split.quantized, split.adapter))
             if best is None or cost < best[0]:
                 best = cost, split
