@@ -147,7 +147,7 @@ class LQLoRA:
         GPTQ and the refit, with gptq rounding). The report's `cost` is that of what is
         stored, in the table's measure."""
         m = self._measure(name, weight)
-        best: tuple[float, Split] | None = None
+        best: tuple[float, Split, torch.Tensor] | None = None
         for candidate in self._candidates(weight, config, rank, list(grid), m):
             report: dict[str, Any] = {"rank": rank, "init": candidate.source}
             if self.rounding == "gptq":
@@ -158,13 +158,13 @@ class LQLoRA:
             else:
                 adapter = _adapter(weight, candidate.left, candidate.right)
                 split = Split(quantize(candidate.quant_input, config), adapter, report)
-            cost = m.price(_stored_diff(weight, split.quantized, split.adapter))
+            diff = _stored_diff(weight, split.quantized, split.adapter)
+            cost = m.price(diff)
             if best is None or cost < best[0]:
-                best = cost, split
-        cost, split = best
+                best = cost, split, diff
+        cost, split, diff = best
         split.report["cost"] = cost
         if m.row is not None:
-            diff = _stored_diff(weight, split.quantized, split.adapter)
             split.report["weighted_rel_error"] = weighted_error(diff, m.row, m.col) / (
                 weighted_error(weight, m.row, m.col) or 1.0
             )

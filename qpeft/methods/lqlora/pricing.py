@@ -239,9 +239,17 @@ def matrix_costs(
     bits = np.array([c.bits_per_param for c in configs])
     refined: set[int] = set()
 
+    # the alternation tracks ‖diag(r)·δ·diag(c)‖, the F̂ price up to mean(F): no re-pricing needed
+    fisher_mean = None
+    if fisher is None and second_moment is None:
+        fisher_mean = 1.0 if row_weight is None or col_weight is None else float(row_weight.float().square().mean())
+
     def refine_config(j: int) -> None:
         result = path.refine(configs[j], fits[j])
-        cost = price(w - simulate(result.quant_input, configs[j]) - result.left @ result.right)
+        if fisher_mean is not None:
+            cost = result.error**2 / fisher_mean
+        else:
+            cost = price(w - simulate(result.quant_input, configs[j]) - result.left @ result.right)
         if cost < costs[j]:
             costs[j], factors[j] = cost, (result.left, result.right)
         refined.add(j)
