@@ -23,14 +23,16 @@ def _interpret(code: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("config", ["nf4", "nf3", "nf2-b64-fp16", "nf8-b128-fp32", "nf3-b16-s4x64-bf16"])
+@pytest.mark.parametrize(
+    "config", ["nf4", "nf3", "nf2-b64-fp16", "nf8-b128-fp32", "nf3-b16-s4x64-bf16", "int4-g32", "int3-g64", "int2-g8"]
+)
 def test_fused_products_equal_dequantize_then_matmul(config):
     _interpret(f"""
         import torch
         from qpeft.kernels.triton_dequant import dequant_matmul
         from qpeft.quant import dequantize, parse_config, quantize
         torch.manual_seed(0)
-        for shape in [(40, 72), (17, 96)]:  # partial tiles; 17x96 ends mid-block
+        for shape in [(40, 72), (17, 96)]:  # partial tiles; 17x96 ends mid-block, 72 mid-group
             qt = quantize(torch.randn(shape), parse_config({config!r}))
             for dtype, tol in [(torch.float32, 1e-5), (torch.float16, 2e-3)]:
                 w = dequantize(qt, torch.float32).to(dtype).float()

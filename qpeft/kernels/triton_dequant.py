@@ -5,8 +5,9 @@
 
 without materialising deq(Q): each program loads the packed codes of one tile of W,
 unpacks them (2, 3, 4 or 8 bits, MSB-first as `qpeft.quant.packing` stores them),
-looks the levels up in the NF codebook, multiplies by the fp32 block scales and feeds
-the tile to `tl.dot`, accumulating in fp32 (QLoRA §3's "dequantize, then matmul in
+decodes them — NormalFloat: the codebook level times the fp32 block scale; integer
+(`int<b>-g<G>`): (q − z)·s with the fp16 scale and zero of the element's (row, group)
+— and feeds the tile to `tl.dot`, accumulating in fp32 (QLoRA §3's "dequantize, then matmul in
 the compute dtype", in one pass over the codes instead of a d_out × d_in round trip
 through memory). The block scales (one fp32 per B0 values, double quantization
 already undone by `dequantize_scales`) are computed per call: numel / B0 values.
@@ -25,6 +26,7 @@ import triton
 import triton.language as tl
 
 from qpeft.quant import QuantConfig, QuantizedTensor, nf_codebook
+from qpeft.quant.formats.integer import IntConfig
 from qpeft.quant.formats.normalfloat import NFConfig, dequantize_scales
 
 INTERPRET_ENV = "TRITON_INTERPRET"
@@ -58,6 +60,7 @@ def _dequant_matmul_kernel(
     codes_ptr,
     codebook_ptr,
     scales_ptr,
+    zeros_ptr,
     out_ptr,
     M,
     N,
@@ -69,6 +72,7 @@ def _dequant_matmul_kernel(
     stride_on,
     TRANSPOSE: tl.constexpr,
     BITS: tl.constexpr,
+    INTEGER: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -77,6 +81,7 @@ def _dequant_matmul_kernel(
 ):
     # out[M, N] = x[M, K] · op(W); W is (d_out, d_in) row-major, flattened, quantized.
     # TRANSPOSE False: op(W) = Wᵀ (K = d_in, N = d_out); True: op(W) = W (K = d_out, N = d_in).
+    # BLOCK: NF's values per scale; integer: the group size G along d_in.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -96,9 +101,17 @@ def _dequant_matmul_kernel(
             flat = cols[None, :] * in_features + ks[:, None]
         inside = (ks[:, None] < K) & (cols[None, :] < N)
         code = _unpack(codes_ptr, flat, inside, BITS)
-        level = tl.load(codebook_ptr + code, mask=inside, other=0.0)
-        scale = tl.load(scales_ptr + flat // BLOCK, mask=inside, other=0.0)
-        w = (level * scale).to(x.dtype)
+        if INTEGER:
+            # (row, group) of each element: one fp16 scale and zero per G columns
+            row, col = flat // in_features, flat % in_features
+            group = row * tl.cdiv(in_features, BLOCK) + col // BLOCK
+            scale = tl.load(scales_ptr + group, mask=inside, other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + group, mask=inside, other=0.0).to(tl.float32)
+            w = ((code.to(tl.float32) - zero) * scale).to(x.dtype)
+        else:
+            level = tl.load(codebook_ptr + code, mask=inside, other=0.0)
+            scale = tl.load(scales_ptr + flat // BLOCK, mask=inside, other=0.0)
+            w = (level * scale).to(x.dtype)
         if IEEE:
             acc += tl.dot(x, w, input_precision="ieee")
         else:
@@ -111,8 +124,9 @@ def _dequant_matmul_kernel(
 
 
 def supports(config: QuantConfig) -> bool:
-    """The kernel decodes NormalFloat codes (any b, B0 and scale format)."""
-    return isinstance(config, NFConfig)
+    """The kernel decodes NormalFloat codes (any b, B0 and scale format) and the
+    integer family (any b and G)."""
+    return isinstance(config, NFConfig | IntConfig)
 
 
 def fused_available(device: torch.device) -> bool:
@@ -132,8 +146,15 @@ def dequant_matmul(x: torch.Tensor, qt: QuantizedTensor, transpose: bool = False
     m_dim = x2.shape[0]
     out = torch.empty(m_dim, n_dim, dtype=x.dtype, device=x.device)
     config = qt.config
-    scales = dequantize_scales(qt)
-    codebook = nf_codebook(config.bits, x.device).to(torch.float32)
+    integer = isinstance(config, IntConfig)
+    # a branch's unused pointer (integer: the codebook; NF: the zeros) gets any tensor
+    if integer:
+        scales, zeros, block = qt.parts["scales"], qt.parts["zeros"], config.group_size
+        codebook = scales
+    else:
+        scales, block = dequantize_scales(qt), config.block_size
+        codebook = nf_codebook(config.bits, x.device).to(torch.float32)
+        zeros = scales
     block_m = 16 if m_dim <= 16 else 64
     block_n, block_k = 64, 32
     grid = (triton.cdiv(m_dim, block_m), triton.cdiv(n_dim, block_n))
@@ -142,6 +163,7 @@ def dequant_matmul(x: torch.Tensor, qt: QuantizedTensor, transpose: bool = False
         qt.parts["codes"],
         codebook,
         scales,
+        zeros,
         out,
         m_dim,
         n_dim,
@@ -153,7 +175,8 @@ def dequant_matmul(x: torch.Tensor, qt: QuantizedTensor, transpose: bool = False
         out.stride(1),
         TRANSPOSE=transpose,
         BITS=config.bits,
-        BLOCK=config.block_size,
+        INTEGER=integer,
+        BLOCK=block,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
