@@ -116,3 +116,14 @@ def seeded():
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped on a machine without a CUDA GPU (CI);
+    tools/gpu_check.py runs them on a lent one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -225,10 +225,9 @@ def test_validate_names_the_bad_part():
         type(qt).from_tensors(qt.config, qt.shape, parts)
 
 
+@pytest.mark.cuda
 def test_large_matrix_chunked_memory():
     """Dequantizing 8192×28672 stays near the output size: no full fp32 temporaries."""
-    if not torch.cuda.is_available():
-        pytest.skip("peak-memory accounting needs CUDA")
     device = torch.device("cuda")
     weight = torch.randn(8192, 28672, device=device, dtype=torch.bfloat16)
     qt = quantize(weight, PRESETS["nf4"])
