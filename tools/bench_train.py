@@ -46,14 +46,18 @@ def build_qpeft(model_dir: Path, base: Path, rank: int, alpha: float):
     return model, freeze_all_but_adapters(model)
 
 
-def build_peft(model_dir: Path, base: Path, rank: int, alpha: float, dtype: torch.dtype):
+def build_peft(
+    model_dir: Path, base: Path | None, rank: int, alpha: float, dtype: torch.dtype, device_map: str | None = None
+):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quant, dtype=torch.float32, device_map=device_map
+    )
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS, bias="none")
     model = get_peft_model(model, config)
     return model, [p for p in model.parameters() if p.requires_grad]
