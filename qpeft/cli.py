@@ -240,6 +240,31 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start over in output_dir, deleting what it holds (without it, a non-empty output_dir is refused)",
     )
+    pl = sub.add_parser(
+        "plan",
+        parents=[common],
+        help="predict checkpoint size and peak memory of decompose and training, from the config alone",
+        description="Predict, with no weight loaded: the checkpoint's size, decompose's peak host memory, and "
+        "training's peak memory (packed base, adapters and AdamW state, activations at the batch, with and "
+        "without gradient checkpointing); with --device-memory, whether it fits and what to change.",
+    )
+    _add_model_arg(pl)
+    pl.add_argument("--recipe", type=Path, default=None, help="take the method, base, rank and batch from a recipe")
+    pl.add_argument("--method", choices=["qlora", "lqlora", "qwha"], default="qlora")
+    how = pl.add_mutually_exclusive_group()
+    how.add_argument("--config", default=None, help="one quantization config for every matrix (qlora: nf4)")
+    how.add_argument("--budget", type=float, default=None, help="average bits per parameter of Q")
+    how.add_argument("--total-budget", type=float, default=None, help="average bits of Q plus the adapter as stored")
+    pl.add_argument("--rank", type=int, default=8, help="adapter rank (default: 8)")
+    pl.add_argument("--targets", default=None, help="layer name patterns (default: the 7 projections)")
+    pl.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")
+    pl.add_argument("--seqlen", type=int, default=512, help="tokens per sequence (default: 512)")
+    pl.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype (default: bf16)")
+    pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where training runs (default: cuda)")
+    pl.add_argument("--device-memory", default=None, help="the device's memory, e.g. 24GiB: say whether it fits")
+    pl.add_argument("--calib-sequences", type=int, default=32, help="decompose's calibration sequences (default: 32)")
+    pl.add_argument("--calib-seqlen", type=int, default=512, help="their tokens (default: 512)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
 
 
@@ -416,6 +441,45 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from qpeft.stages.plan import PlanRequest, run_plan
+
+    p = run_plan(_request(PlanRequest, args))
+    if args.json:
+        print(json.dumps(p))
+        return
+
+    def gib(n: float) -> str:
+        return f"{n / 2**30:8.2f} GiB"
+
+    bound = "" if p["checkpoint_exact"] else " (at most: the ILP meets the budget or less)"
+    print(f"model         {p['model']}: {p['matrices']} matrices, {p['selected_params']:,} parameters")
+    print(
+        f"base          {p['method']}, {p['base']}, rank {p['rank']}; Q {p['bits_q']:.3f} bits/param, "
+        f"with the stored adapter {p['bits_total']:.3f}"
+    )
+    print(f"checkpoint    {gib(p['checkpoint_bytes'])}{bound}")
+    print(f"decompose     {gib(p['decompose_host_bytes'])} host peak (streaming; plus the runtime's own)")
+    print(
+        f"training      batch {p['batch'][0]} × {p['batch'][1]}, {p['dtype']}, {p['trainable_params']:,} trainable,"
+        f" on {p['device']}"
+    )
+    print(f"{'':18}{'plain':>12} {'grad. ckpt':>12}")
+    plain, ckpt = p["train"]["none"], p["train"]["gradient_checkpointing"]
+    for key, label in (
+        ("base", "packed base"),
+        ("adapters_and_optimizer", "adapters+AdamW"),
+        ("activations", "activations"),
+        ("workspace", "workspace"),
+        ("total", "total"),
+    ):
+        print(f"  {label:<16}{gib(plain[key]):>12} {gib(ckpt[key]):>12}")
+    if p["outside_allocator_bytes"]:
+        print(f"  + CUDA context ≈ {p['outside_allocator_bytes'] / 2**30:.1f} GiB outside torch's allocator")
+    if "fits" in p:
+        print(f"device memory {gib(p['device_memory_bytes'])}: {p['advice']}")
+
+
 COMMANDS = {
     "quantize": cmd_quantize,
     "calibrate": cmd_calibrate,
@@ -424,6 +488,7 @@ COMMANDS = {
     "export": cmd_export,
     "inspect": cmd_inspect,
     "train": cmd_train,
+    "plan": cmd_plan,
 }
 
 

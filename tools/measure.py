@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import statistics
 import threading
@@ -69,3 +70,50 @@ def peak_rss_during(fn: Callable[[], Any]) -> tuple[int, Any]:
         done.set()
         sampler.join()
     return max(peak[0], rss_bytes()), result
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in [
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        ]
+    ]
+
+
+def heap_bytes() -> int:
+    """Bytes this process has malloc'd and not freed (glibc's mallinfo2: arena blocks
+    in use plus mmap'd blocks), the CPU's counterpart of CUDA's memory_allocated: what
+    tensors hold, without the runtime's code and the allocator's retained pages."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def peak_heap_during(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Run fn while a thread samples `heap_bytes` continuously; return the highest
+    sample and fn's result."""
+    peak, done = [heap_bytes()], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], heap_bytes())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], heap_bytes()), result
