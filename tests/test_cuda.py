@@ -93,3 +93,19 @@ def test_cost_row_on_cuda_matches_cpu():
     cpu = matrix_costs(weight, grid, 8, rows, cols)
     gpu = matrix_costs(weight.cuda(), grid, 8, rows.cuda(), cols.cuda())
     assert (abs(gpu - cpu) / cpu).max() < 0.02, (cpu, gpu)
+
+
+def test_add_lora_on_a_cuda_model_draws_the_cpu_values(tiny_model_dir, tmp_path):
+    """A QLoRA model loaded onto the GPU gets the same fresh LoRA as on the CPU."""
+    from qpeft.models.loading import load_checkpoint
+    from qpeft.quant import PRESETS
+    from qpeft.stages.quantize import quantize_model
+    from qpeft.training.model import add_lora
+
+    quantize_model(tiny_model_dir, tmp_path / "nf4", PRESETS["nf4"])
+    cpu, gpu = load_checkpoint(tmp_path / "nf4"), load_checkpoint(tmp_path / "nf4", device="cuda")
+    add_lora(cpu, 4, 8.0, seed=0)
+    add_lora(gpu, 4, 8.0, seed=0)
+    for (name, a), (_, b) in zip(cpu.named_parameters(), gpu.named_parameters(), strict=True):
+        if "adapter" in name:
+            assert b.is_cuda and torch.equal(a, b.cpu()), name

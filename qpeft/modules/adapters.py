@@ -38,12 +38,14 @@ class LowRankAdapter(nn.Module):
         self.right = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype), False)
 
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
-        """LoRA's initialisation (Hu et al. 2021; peft's): L2 Kaiming-uniform, L1 = 0, so ΔW = 0."""
+        """LoRA's initialisation (Hu et al. 2021; peft's): L2 Kaiming-uniform, L1 = 0, so ΔW = 0.
+        Drawn on the generator's device (the CPU's by default) and copied: the same
+        values on every device, and a CPU generator never meets a CUDA tensor."""
         bound = 1.0 / math.sqrt(self.right.shape[1])  # kaiming_uniform_(a=√5) on a fan-in of d_in
+        where = generator.device if generator is not None else "cpu"
         with torch.no_grad():
-            self.right.copy_(
-                torch.empty_like(self.right, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-            )
+            draw = torch.empty(self.right.shape, dtype=torch.float32, device=where)
+            self.right.copy_(draw.uniform_(-bound, bound, generator=generator))
             self.left.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

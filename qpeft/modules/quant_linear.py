@@ -124,7 +124,7 @@ class QuantLinear(nn.Module):
             y = _QuantMatmul.apply(x, self, merge, *(trainable if merge else []))
             if self.adapter is not None and not merge:
                 y = y + self.adapter(x)
-            return y if self.bias is None else y + self.bias
+            return y if self.bias is None else y + self.bias.to(y.dtype)  # an fp32 bias keeps y in autocast's dtype
         dtype = compute_dtype(x)
         fused = None if merge else fused_dequant_matmul(x.device, self.config)
         if fused is not None:
