@@ -52,14 +52,14 @@ def rss_bytes() -> int:
         return int(handle.read().split()[1]) * resource.getpagesize()
 
 
-def peak_rss_during(fn: Callable[[], Any]) -> tuple[int, Any]:
-    """Run fn while a thread samples the resident set size every 0.2 ms (torch ops
-    release the GIL); return the highest sample and fn's result."""
-    peak, done = [rss_bytes()], threading.Event()
+def peak_during(fn: Callable[[], Any], probe: Callable[[], int]) -> tuple[int, Any]:
+    """Run fn while a thread samples `probe` every 0.2 ms (torch ops release the
+    GIL); return the highest sample and fn's result."""
+    peak, done = [probe()], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
+            peak[0] = max(peak[0], probe())
             time.sleep(0.0002)
 
     sampler = threading.Thread(target=sample)
@@ -69,7 +69,12 @@ def peak_rss_during(fn: Callable[[], Any]) -> tuple[int, Any]:
     finally:
         done.set()
         sampler.join()
-    return max(peak[0], rss_bytes()), result
+    return max(peak[0], probe()), result
+
+
+def peak_rss_during(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """The highest resident set size while fn runs, and fn's result."""
+    return peak_during(fn, rss_bytes)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -101,19 +106,5 @@ def heap_bytes() -> int:
 
 
 def peak_heap_during(fn: Callable[[], Any]) -> tuple[int, Any]:
-    """Run fn while a thread samples `heap_bytes` continuously; return the highest
-    sample and fn's result."""
-    peak, done = [heap_bytes()], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], heap_bytes())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        result = fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(peak[0], heap_bytes()), result
+    """The highest `heap_bytes` while fn runs, and fn's result."""
+    return peak_during(fn, heap_bytes)
