@@ -272,3 +272,17 @@ def test_coding_against_the_stored_scale_never_costs_more_than_against_the_absma
         assert new <= old * (1 + 1e-6), config.name
         errors.append(old / new)
     assert max(errors) > 1.1  # and it matters somewhere
+
+
+def test_tables_are_made_once_per_device():
+    """A dequantize on a GPU copies no codebook or byte table from the host: each is
+    one shared tensor per device (meta stands in for another device here: a copy to
+    it would be a new tensor each time)."""
+    from qpeft.quant import nf_codebook
+    from qpeft.quant.codebooks import dynamic_codebook
+    from qpeft.quant.packing import decode_lut
+
+    assert nf_codebook(4, "meta") is nf_codebook(4, torch.device("meta"))
+    assert dynamic_codebook("meta") is dynamic_codebook("meta")
+    first, second = decode_lut(nf_codebook(4, "meta"), 4), decode_lut(nf_codebook(4, "meta"), 4)
+    assert first.device.type == "meta" and first.shape == second.shape == (256,)

@@ -40,7 +40,13 @@ def _nf_codebook_cpu(bits: int) -> torch.Tensor:
 
 
 def nf_codebook(bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """NF-`bits` levels, sorted ascending, float32."""
+    """NF-`bits` levels, sorted ascending, float32; one shared tensor per device (never
+    modify it in place), so that a dequantize on a GPU copies no table from the host."""
+    return _nf_codebook_on(bits, str(torch.device(device)))
+
+
+@functools.cache
+def _nf_codebook_on(bits: int, device: str) -> torch.Tensor:
     return _nf_codebook_cpu(bits).to(device)
 
 
@@ -61,7 +67,13 @@ def _dynamic_codebook_cpu() -> torch.Tensor:
 
 
 def dynamic_codebook(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The signed 8-bit dynamic map (256 levels, sorted, float32)."""
+    """The signed 8-bit dynamic map (256 levels, sorted, float32); shared per device
+    as `nf_codebook`."""
+    return _dynamic_codebook_on(str(torch.device(device)))
+
+
+@functools.cache
+def _dynamic_codebook_on(device: str) -> torch.Tensor:
     return _dynamic_codebook_cpu().to(device)
 
 

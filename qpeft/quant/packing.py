@@ -45,6 +45,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @functools.cache
+def _byte_lut_on(bits: int, device: str) -> torch.Tensor:
+    """`_byte_lut_cpu` on `device`, copied there once (not once per dequantize)."""
+    return _byte_lut_cpu(bits).to(device)
+
+
+@functools.cache
 def _byte_lut_cpu(bits: int) -> torch.Tensor:
     """For 2/4/8-bit codes: table[byte] = the codes held in that byte."""
     per_byte = 8 // bits
@@ -62,7 +68,7 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
         word = (trio[:, 0] << 16) | (trio[:, 1] << 8) | trio[:, 2]
         shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.int32) * 3
         return ((word.unsqueeze(1) >> shifts) & 7).to(torch.uint8).reshape(-1)
-    lut = _byte_lut_cpu(bits).to(packed.device)
+    lut = _byte_lut_on(bits, str(packed.device))
     return lut[packed.to(torch.int64)].reshape(-1)
 
 
@@ -81,5 +87,5 @@ def decode_lut(codebook: torch.Tensor, bits: int) -> torch.Tensor | None:
     (tools/bench_dequant.py)."""
     if bits == 3:
         return None
-    values = codebook.to(torch.float32)[_byte_lut_cpu(bits).to(codebook.device).to(torch.int64)]
+    values = codebook.to(torch.float32)[_byte_lut_on(bits, str(codebook.device)).to(torch.int64)]
     return values.view(_BYTE_UNIT_DTYPE[bits]).reshape(256)
