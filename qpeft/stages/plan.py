@@ -6,23 +6,24 @@ with no weight loaded.
     train peak  = packed base + other tensors in fp32 (how the trainer loads them)
                 + trainable · 16 bytes (fp32 parameter, gradient and AdamW's two moments)
                 + activations + workspace
-    activations = L · A_layer + A_head              (no gradient checkpointing)
-                = L · B·S·h·4 + A_layer + A_head    (gradient checkpointing: each layer's
-                                                     fp32 input, one layer recomputed)
+    plain:        activations = L · A_layer + A_head,  workspace = W_head
+    grad. ckpt:   activations = L · B·S·h·4 (each layer's fp32 input)
+                                + max(A_head + W_head, A_layer + W_layer)
 
 A_layer and A_head are the bytes autograd saves for the backward in one decoder layer
 and in the final norm, LM head and loss, counted exactly by running them on fake
 tensors (`torch._subclasses.FakeTensorMode`: shapes and dtypes, no data) with the
 same modules the trainer uses: qpeft's QuantLinear with the method's adapter, under
-the recipe's autocast dtype. The workspace is the backward's transient: the loss's two
-fp32 gradients of the logits (B·S·V·8 bytes) or, if larger, one dequantized matrix and
-two MLP-wide gradients. The CUDA context (≈ 0.5 GiB, outside torch's
-allocator) and, on the CPU, the runtime's own resident memory are reported apart.
+the recipe's autocast dtype. The peak comes in the loss's backward, with every saved
+tensor alive and the logits' gradient in fp32 and in the compute dtype, W_head =
+B·S·V·(4 + c); with gradient checkpointing the layers are recomputed one at a time
+after it, each with W_layer = one dequantized matrix and two MLP-wide gradients.
+The CUDA context (≈ 0.5 GiB, outside torch's allocator) is reported apart.
 
-Decompose streams the model one matrix (calibration: one decoder layer) at a time, so
-its host peak is the runtime, the embedding and LM head, one layer, the calibration
-hidden states (sequences × seqlen × h in fp32, two copies) and the largest matrix's
-working set (fp32 weight, the Fisher weights and a few copies: 8 × d_out·d_in·4).
+Decompose's calibration keeps every layer's hidden states of the calibration
+sequences on the host ((L + 1) · sequences · seqlen · h · 4 bytes, qpeft.calibration.
+stream) beside the embedding and LM head, one layer and one sequence's logits; the
+cost table and split then hold one matrix's working set (8 · d_out·d_in·4).
 """
 
 from __future__ import annotations
@@ -227,28 +228,31 @@ def run_plan(request: PlanRequest) -> dict[str, Any]:
     tokens = r.batch_size * r.seqlen
     compute_bytes = 4 if r.dtype == "fp32" else 2
     largest = max(a * b for a, b in shapes.values())
-    # the loss's backward holds two fp32 B·S·V gradients at once (nll_loss's and log_softmax's)
-    workspace = max(tokens * vocab * 8, largest * compute_bytes + 2 * tokens * inner * compute_bytes)
+    head_work = tokens * vocab * (4 + compute_bytes)  # the logits' gradient, fp32 and compute dtype
+    layer_work = largest * compute_bytes + 2 * tokens * inner * compute_bytes
     base = q_bits / 8 + other_numel * 4
     trainable = adapter_params
     optimizer = trainable * 16
-    activations = {
-        "none": layers * saved["layer"] + saved["head"],
-        "gradient_checkpointing": layers * tokens * hidden * 4 + saved["layer"] + saved["head"],
+    inputs = layers * tokens * hidden * 4
+    recompute = max(saved["head"] + head_work, saved["layer"] + layer_work)
+    parts = {  # (activations, workspace)
+        "none": (layers * saved["layer"] + saved["head"], head_work),
+        "gradient_checkpointing": (inputs + saved["head"], recompute - saved["head"]),
     }
     train = {
         key: {
             "base": base,
             "adapters_and_optimizer": optimizer,
             "activations": act,
-            "workspace": workspace,
-            "total": base + optimizer + act + workspace,
+            "workspace": work,
+            "total": base + optimizer + act + work,
         }
-        for key, act in activations.items()
+        for key, (act, work) in parts.items()
     }
-    calib_hidden = 2 * r.calib_sequences * r.calib_seqlen * hidden * 4
+    calib_hidden = (layers + 1) * r.calib_sequences * r.calib_seqlen * hidden * 4
     layer_numel = sum(_numel(s) for n, (s, _) in tensors.items() if ".layers.0." in n)
-    decompose_host = other_bytes + layer_numel * 4 + calib_hidden + 8 * largest * 4
+    logits = r.calib_seqlen * vocab * 4 * 3  # one sequence's: fp32, its float copy and its gradient
+    decompose_host = other_numel * 4 + layer_numel * 4 + calib_hidden + logits + 8 * largest * 4
     result: dict[str, Any] = {
         "model": r.model or "smollm2",
         "method": r.method,

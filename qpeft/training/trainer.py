@@ -293,6 +293,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, overwrite
     optimizer = _optimizer(recipe, params)
     scheduler = _scheduler(recipe, optimizer, total)
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaces the Parameter objects
     state = {"step": 0, "micro": 0, "tokens": 0, "seconds": 0.0}
     if resumed:
         state = load_state(out, accelerator.unwrap_model(model), optimizer, scheduler)
