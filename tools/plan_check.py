@@ -9,9 +9,9 @@ those before the model was loaded, is measured (`measure.peak_heap_during`, the 
 counterpart of CUDA's max_memory_allocated), with and without gradient checkpointing.
 The process's resident set (the runtime, the allocator's retained pages) is printed
 beside it, not compared. Checkpoint: the files on
-disk of the same bases. Decompose: peak resident memory of `qpeft decompose --config
-nf4 --rank 8` with a fresh calibration cache (one process), against the host
-prediction plus this runtime's own resident memory.
+disk of the same bases. Decompose: the same malloc'd-bytes peak of `qpeft decompose
+--config nf4 --rank 8` (LQ-LoRA, one process, in this one) with a fresh calibration
+cache, its resident peak beside it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -69,16 +67,19 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def decompose_rss(tmp: Path) -> int:
-    """Peak RSS (bytes) of a one-process uniform decompose with a cold calibration."""
-    env = {**os.environ, "QPEFT_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
+def decompose_heap(tmp: Path) -> tuple[int, int]:
+    """(peak malloc'd bytes above the start, peak resident bytes) of a one-process
+    uniform decompose in this process, with a cold calibration cache."""
+    from qpeft.stages.decompose import DecomposeRequest, run_decompose
+
     models = Path(os.environ.get("QPEFT_CACHE", Path.home() / ".cache" / "qpeft")) / "models"
     (tmp / "cache").mkdir()
     os.symlink(models, tmp / "cache" / "models")  # the converted SmolLM2, not the statistics
-    argv = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "qpeft.cli", "decompose", "smollm2"]
-    argv += ["--config", "nf4", "--rank", "8", "--out", str(tmp / "dec")]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
-    return int(done.stderr.strip().splitlines()[-1]) * 1024
+    os.environ["QPEFT_CACHE"] = str(tmp / "cache")
+    before = heap_bytes()
+    request = DecomposeRequest(None, tmp / "dec", config="nf4", rank=8)
+    rss, (heap, _) = peak_rss_during(lambda: peak_heap_during(lambda: run_decompose(request)))
+    return heap - before, rss
 
 
 def main() -> None:
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--lqlora-budget", type=float, default=3.25)
     parser.add_argument("--qwha", type=Path, help="a QWHA checkpoint (--config nf3 --rank 8) of SmolLM2")
     parser.add_argument("--skip-decompose", action="store_true")
+    parser.add_argument("--skip-training", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     runtime = rss_bytes()
@@ -103,7 +105,7 @@ def main() -> None:
             cases.append((f"lqlora {args.lqlora_budget} r8", args.lqlora, plan, False))
         if args.qwha:
             cases.append(("qwha nf3 r8", args.qwha, PlanRequest(method="qwha", config="nf3", rank=8), False))
-        for label, base, request, qlora in cases:
+        for label, base, request, qlora in [] if args.skip_training else cases:
             request.batch_size, request.seqlen, request.device = args.batch, args.seqlen, "cpu"
             predicted = run_plan(request)
             rows.append((f"{label}: checkpoint", predicted["checkpoint_bytes"], dir_bytes(base), None))
@@ -113,9 +115,8 @@ def main() -> None:
                 rows.append((name, predicted["train"][key]["total"], measured["heap"], measured["rss"]))
         if not args.skip_decompose:
             predicted = run_plan(PlanRequest(method="lqlora", config="nf4", rank=8, device="cpu"))
-            rows.append(
-                ("decompose nf4 r8: host", predicted["decompose_host_bytes"] + runtime, decompose_rss(tmp), None)
-            )
+            heap, rss = decompose_heap(tmp)
+            rows.append(("decompose nf4 r8: host", predicted["decompose_host_bytes"], heap, rss))
     print(
         f"SmolLM2-135M, batch {args.batch} × {args.seqlen}, bf16 autocast, AdamW; CPU, torch {torch.__version__}; "
         f"runtime resident {runtime / MiB:.0f} MiB"
