@@ -1,6 +1,7 @@
 """`qpeft plan` as a library call: the memory a decomposition and a training run will
-need, predicted from the model's config and the settings alone, in about a second,
-with no weight loaded.
+need, predicted from the model's config and the settings alone, with no weight
+loaded: about a second of its own work (on CPU-2, importing transformers' model code
+takes another 7).
 
     checkpoint  = Σ_selected storage(Q) + Σ_selected adapter as stored + Σ_other numel·bytes(source dtype)
     train peak  = packed base + other tensors in fp32 (how the trainer loads them)
