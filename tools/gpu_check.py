@@ -25,17 +25,21 @@ with ok false, not a stopped run):
              bf16 matmul (the ceiling), for NF and integer configs; the dequantizer's
              bandwidth against a device-to-device copy measured in the same run.
 3. train     a training step (bf16 autocast, AdamW, batch 4 × 512) of the SmolLM2
-             recipes' bases (QLoRA nf4 r8, LQ-LoRA 2.75 bits r8, QWHA nf3 r8) on a
-             model of SmolLM2-135M's config with random weights, against peft +
-             bitsandbytes QLoRA of the same model and batch: step time, tokens/s,
-             peak GPU memory, as ratios; the two QLoRAs' first losses must agree.
-4. costs     one LLaMA-2-7B attention (4096×4096) and MLP (11008×4096) matrix's
+             recipes' bases (QLoRA nf4 r8, LQ-LoRA 2.75 bits r8 over a 5-config grid,
+             QWHA nf3 r8), built on the GPU, on a model of SmolLM2-135M's config with
+             random weights, against peft + bitsandbytes QLoRA of the same model and
+             batch: step time, tokens/s, peak GPU memory, as ratios; the two QLoRAs'
+             first losses must agree.
+4. pipeline  a two-layer model of LLaMA-2-7B widths (random weights, SmolLM2's
+             tokenizer) through decompose (LQ-LoRA, 2.75 bits, the 5-config grid) →
+             train 2 steps → eval, on the GPU.
+5. costs     one LLaMA-2-7B attention (4096×4096) and MLP (11008×4096) matrix's
              LQ-LoRA cost-table row over the full 432-config grid at rank 64, the
-             projected 224-matrix time, and QWHA's init of one 4096×14336 matrix.
-5. pipeline  (run before costs) a two-layer model of LLaMA-2-7B widths (random weights, SmolLM2's
-             tokenizer) through decompose (LQ-LoRA, 2.75 bits) → train 2 steps → eval.
+             projected 224-matrix time, and QWHA's init of one 4096×14336 matrix
+             (last: its time is the open question).
 
-Writes gpu_check.json and gpu_check.md under --out, and prints the table last.
+Sections not begun by --deadline (420 s) are skipped. Writes gpu_check.json and
+gpu_check.md under --out after every section, and prints the table last.
 """
 
 from __future__ import annotations
