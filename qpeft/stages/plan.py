@@ -30,6 +30,7 @@ cost table and split then hold one matrix's working set (8 · d_out·d_in·4).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,7 @@ def saved_bytes(config_body: dict[str, Any], method: str, rank: int, batch: int,
 def run_plan(request: PlanRequest) -> dict[str, Any]:
     """The predictions, in bytes (see the module docstring); `fits` and `advice`
     when `device_memory` is given."""
+    from qpeft.methods import method_plugin
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import parse_targets
     from qpeft.models.skeleton import stored_linear
@@ -196,19 +198,23 @@ def run_plan(request: PlanRequest) -> dict[str, Any]:
     given = [x is not None for x in (r.config, r.budget, r.total_budget)]
     if sum(given) > 1:
         raise QpeftError("qpeft plan: give one of --config, --budget and --total-budget")
+    config_name = r.config
     if not any(given):
-        r.config = "nf4" if r.method == "qlora" else None
-        if r.config is None:
+        if r.method != "qlora":
             raise QpeftError(f"qpeft plan: method {r.method} needs --config, --budget or --total-budget")
+        config_name = "nf4"
     model_dir = resolve_model(r.model)
     body = json.loads((model_dir / "config.json").read_text())
     tensors = _tensor_table(model_dir)
     shapes = stored_linear(model_dir, SafetensorsWeights(model_dir), parse_targets(r.targets, "--targets"))
     numel = sum(a * b for a, b in shapes.values())
     adapter_params = sum(_adapter_params(r.method, r.rank, s) for s in shapes.values())
-    stored_adapter_bits = 0 if r.method == "qlora" else 16 * adapter_params  # bf16 as stored
-    if r.config is not None:
-        config = parse_config(r.config)
+    # QLoRA's base stores no adapter; a decomposition's as its method stores it (QWHA: positions too)
+    stored_adapter_bits = (
+        0 if r.method == "qlora" else sum(method_plugin(r.method).adapter_bits(r.rank, s) for s in shapes.values())
+    )
+    if config_name is not None:
+        config = parse_config(config_name)
         q_bits = sum(config.storage_bits(s) for s in shapes.values())
         exact = True
     elif r.budget is not None:
@@ -219,8 +225,8 @@ def run_plan(request: PlanRequest) -> dict[str, Any]:
             raise QpeftError(f"--total-budget {r.total_budget}: the rank-{r.rank} adapters alone take more")
     selected = {f"{name}.weight" for name in shapes}
     others = [(s, b) for name, (s, b) in tensors.items() if name not in selected]
-    other_numel = sum(_numel(s) for s, _ in others)
-    other_bytes = sum(_numel(s) * b for s, b in others)
+    other_numel = sum(math.prod(s) for s, _ in others)
+    other_bytes = sum(math.prod(s) * b for s, b in others)
     checkpoint = q_bits / 8 + stored_adapter_bits / 8 + other_bytes
 
     layers = body["num_hidden_layers"]
@@ -232,8 +238,7 @@ def run_plan(request: PlanRequest) -> dict[str, Any]:
     head_work = tokens * vocab * (4 + compute_bytes)  # the logits' gradient, fp32 and compute dtype
     layer_work = largest * compute_bytes + 2 * tokens * inner * compute_bytes
     base = q_bits / 8 + other_numel * 4
-    trainable = adapter_params
-    optimizer = trainable * 16
+    optimizer = adapter_params * 16
     inputs = layers * tokens * hidden * 4
     recompute = max(saved["head"] + head_work, saved["layer"] + layer_work)
     parts = {  # (activations, workspace)
@@ -251,13 +256,13 @@ def run_plan(request: PlanRequest) -> dict[str, Any]:
         for key, (act, work) in parts.items()
     }
     calib_hidden = (layers + 1) * r.calib_sequences * r.calib_seqlen * hidden * 4
-    layer_numel = sum(_numel(s) for n, (s, _) in tensors.items() if ".layers.0." in n)
+    layer_numel = sum(math.prod(s) for n, (s, _) in tensors.items() if ".layers.0." in n)
     logits = r.calib_seqlen * vocab * 4 * 3  # one sequence's: fp32, its float copy and its gradient
     decompose_host = other_numel * 4 + layer_numel * 4 + calib_hidden + logits + 8 * largest * 4
     result: dict[str, Any] = {
         "model": r.model or "smollm2",
         "method": r.method,
-        "base": r.config or (f"budget {r.budget}" if r.budget is not None else f"total budget {r.total_budget}"),
+        "base": config_name or (f"budget {r.budget}" if r.budget is not None else f"total budget {r.total_budget}"),
         "rank": r.rank,
         "batch": [r.batch_size, r.seqlen],
         "dtype": r.dtype,
@@ -267,7 +272,7 @@ def run_plan(request: PlanRequest) -> dict[str, Any]:
         "checkpoint_exact": exact,
         "bits_q": q_bits / numel,
         "bits_total": (q_bits + stored_adapter_bits) / numel,
-        "trainable_params": trainable,
+        "trainable_params": adapter_params,
         "train": train,
         "decompose_host_bytes": decompose_host,
         "saved_per_layer_bytes": saved["layer"],
@@ -284,13 +289,6 @@ def run_plan(request: PlanRequest) -> dict[str, Any]:
         result["fits_with_gradient_checkpointing"] = checkpointed <= limit
         result["advice"] = _advice(result, plain, checkpointed, limit, r)
     return result
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
 
 
 def _advice(result: dict[str, Any], plain: float, checkpointed: float, limit: int, r: PlanRequest) -> str:
