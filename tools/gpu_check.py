@@ -45,6 +45,7 @@ gpu_check.md under --out after every section, and prints the table last.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -59,6 +60,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from measure import timed
 
 REPO = Path(__file__).resolve().parents[1]
 SITE = Path("/tmp/qpeft-site")
@@ -172,26 +175,9 @@ class Context:
 # ---------------------------------------------------------------- timing helpers
 
 
-def sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def median_seconds(fn: Callable[[], Any], device: str, repeats: int, warmup: int = 2) -> float:
-    """Median of `repeats` calls after `warmup`, synchronizing around each (CUDA work
-    is asynchronous)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median of `repeats` calls after `warmup`, each bracketed by a CUDA sync."""
+    return timed(fn, repeats, device, warmup)[0]
 
 
 def relative_error(got, ref) -> float:
@@ -394,7 +380,7 @@ def _step_timer(model, params, device: str, batch: tuple[int, int], steps: int, 
     first = losses[0]
     step(batches[1])
     reset_peak(device)
-    seconds = [median_seconds(lambda ids=ids: step(ids), device, 1, warmup=0) for ids in batches[2:]]
+    seconds = [timed(lambda ids=ids: step(ids), 1, device)[0] for ids in batches[2:]]
     median = statistics.median(seconds)
     return {
         "step_s": median,
@@ -492,11 +478,8 @@ def check_costs(ctx: Context) -> None:
         weight = torch.randn(*shape, device=device, generator=generator) * 0.02
         rows = torch.rand(shape[0], device=device, generator=generator) + 0.5
         cols = torch.rand(shape[1], device=device, generator=generator) + 0.5
-        sync(device)
-        start = time.perf_counter()
-        costs = matrix_costs(weight, grid, s.cost_rank, rows, cols)
-        sync(device)
-        seconds[shape] = time.perf_counter() - start
+        row = functools.partial(matrix_costs, weight, grid, s.cost_rank, rows, cols)
+        seconds[shape], costs = timed(row, 1, device)
         ok = bool((costs > 0).all() and len(costs) == len(grid))
         ctx.add(
             "costs",
@@ -515,12 +498,12 @@ def check_costs(ctx: Context) -> None:
     gram = acts.T @ acts / acts.shape[0]
     error = weight - dequantize(quantize(weight, parse_config("nf3")))
     count = parameter_count(s.qwha_rank, (d_out, d_in))
-    sync(device)
-    start = time.perf_counter()
-    transform = walsh_hadamard(d_in)
-    init = qwha_init(error, gram, count, transform=transform)
-    sync(device)
-    took = time.perf_counter() - start
+
+    def transform_and_init():
+        transform = walsh_hadamard(d_in)
+        return transform, qwha_init(error, gram, count, transform=transform)
+
+    took, (transform, init) = timed(transform_and_init, 1, device)
     before = (error @ acts.T).norm()
     after = ((error - init.spectrum.delta_weight(transform)) @ acts.T).norm()
     ctx.add(

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import resource
 import statistics
 import threading
@@ -99,10 +100,16 @@ def heap_bytes() -> int:
     """Bytes this process has malloc'd and not freed (glibc's mallinfo2: arena blocks
     in use plus mmap'd blocks), the CPU's counterpart of CUDA's memory_allocated: what
     tensors hold, without the runtime's code and the allocator's retained pages."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
+    info = _mallinfo2()()
     return info.uordblks + info.hblkhd
+
+
+@functools.cache
+def _mallinfo2() -> Callable[[], _MallInfo2]:
+    """glibc's mallinfo2, loaded once (the sampler calls it in a tight loop)."""
+    function = ctypes.CDLL("libc.so.6").mallinfo2
+    function.restype = _MallInfo2
+    return function
 
 
 def peak_heap_during(fn: Callable[[], Any]) -> tuple[int, Any]:
