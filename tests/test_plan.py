@@ -3,6 +3,7 @@ its errors."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qpeft.models.loading import load_checkpoint
@@ -71,3 +72,16 @@ def test_cli_prints_the_table(tiny_model_dir, capsys):
     code, out, _ = run(capsys, "plan", tiny_model_dir, "--config", "nf3", "--device-memory", "24GiB")
     assert code == 0
     assert "checkpoint" in out and "grad. ckpt" in out and out.rstrip().endswith("fits as planned")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--rank", "-1"], "--rank must be 0 or more, got -1"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+        (["--seqlen", "-4"], "--seqlen must be a positive integer, got -4"),
+    ],
+)
+def test_bad_numbers_are_one_line(tiny_model_dir, capsys, flags, message):
+    code, _, err = run(capsys, "plan", tiny_model_dir, *flags)
+    assert_one_line_error(code, err, message)

@@ -191,10 +191,20 @@ def run_plan(request: PlanRequest) -> dict[str, Any]:
     from qpeft.models.skeleton import stored_linear
     from qpeft.models.weights import SafetensorsWeights
     from qpeft.quant import parse_config
+    from qpeft.stages.checks import positive
 
     r = _from_recipe(request) if request.recipe is not None else request
     if r.method not in ("qlora", "lqlora", "qwha"):
         raise QpeftError(f"qpeft plan: method {r.method!r}: expected qlora, lqlora or qwha")
+    if r.rank < 0:
+        raise QpeftError(f"--rank must be 0 or more, got {r.rank}")
+    for flag, value in (
+        ("--batch-size", r.batch_size),
+        ("--seqlen", r.seqlen),
+        ("--calib-sequences", r.calib_sequences),
+        ("--calib-seqlen", r.calib_seqlen),
+    ):
+        positive(flag, value)
     given = [x is not None for x in (r.config, r.budget, r.total_budget)]
     if sum(given) > 1:
         raise QpeftError("qpeft plan: give one of --config, --budget and --total-budget")
