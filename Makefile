@@ -11,7 +11,7 @@ STAMP := $(VENV)/.qpeft-installed
 DEMO_OUT ?= out/demo-smollm2-nf4
 DEMO_TRAIN ?= out/demo-smollm2-qlora-train
 
-.PHONY: demo test test-all lint clean
+.PHONY: demo test test-all lint clean hf4-env
 
 $(STAMP): pyproject.toml Makefile
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -39,6 +39,18 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
+
+# transformers 4.57 + hqq + peft, the last transformers that loads HQQ models (5.x
+# raises "HQQ is not available yet"): the environment that checks `--to hf-hqq`
+# exports with no qpeft imported (tools/hqq_load.py, the slow test of
+# tests/test_export_hqq.py).
+HF4 ?= .venv-hf4
+hf4-env: $(HF4)/.installed
+$(HF4)/.installed:
+	[ -x $(HF4)/bin/python ] || $(PYTHON) -m venv $(HF4)
+	$(HF4)/bin/pip install -q torch==2.13.0
+	DISABLE_CUDA=1 $(HF4)/bin/pip install -q transformers==4.57.6 peft==0.21.2 hqq==0.2.8.post1 accelerate safetensors
+	@touch $@
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check qpeft tests tools

@@ -80,7 +80,12 @@ def test_mixed_configs_are_requantized_with_their_error_reported(tiny_model_dir,
         "--no-fisher", "--rounding", "nearest", "--configs", SMALL_GRID,
     )  # fmt: skip
     assert code == 0, err
-    code, stdout, err = run(capsys, "export", tmp_path / "lq", "--to", "hf-bnb", "--out", tmp_path / "hf")
+    code, _, err = run(capsys, "export", tmp_path / "lq", "--to", "hf-bnb", "--out", tmp_path / "hf")
+    assert_one_line_error(code, err, "hf-bnb cannot hold ")
+    assert "pass --requantize to re-quantize them" in err and not (tmp_path / "hf").exists()
+    code, stdout, err = run(
+        capsys, "export", tmp_path / "lq", "--to", "hf-bnb", "--requantize", "--out", tmp_path / "hf"
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "hf" / REPORT_NAME).read_text())
     manifest = json.loads((tmp_path / "lq" / "qpeft_manifest.json").read_text())

@@ -150,7 +150,7 @@ def test_hf_bnb_of_an_nf4_checkpoint_holds_qpeft_weights_bit_for_bit(checkpoints
 
 def test_hf_bnb_of_a_mixed_checkpoint_requantizes_its_other_configs(checkpoints, ids, ours, tmp_path):
     ckpt, hf = checkpoints["mixed"], tmp_path / "hf"
-    report = export_checkpoint(ckpt, "hf-bnb", hf, dtype="fp32")
+    report = export_checkpoint(ckpt, "hf-bnb", hf, dtype="fp32", requantize=True)
     matrices = read_manifest(ckpt)["quantized"]
     others = {name for name, m in matrices.items() if m["config"] != NF4.name}
     requantized = report["requantized_rel_error"]

@@ -5,8 +5,12 @@
   serialized NF4 state (`AutoModelForCausalLM.from_pretrained(OUT)` loads it), and
   OUT/adapter, the adapters as a peft LoRA directory (`PeftModel.from_pretrained`).
   Matrices under a config other than NF4 / blocks of 64 / 8-bit double-quantized
-  scales (`nf4`) are re-quantized to it from their dequantized values; the extra
-  error ‖deq(Q) − deq(Q_nf4)‖ / ‖deq(Q)‖ is reported per matrix.
+  scales (`nf4`) are re-quantized to it from their dequantized values with
+  `--requantize` (an error without); the extra error ‖deq(Q) − deq(Q_nf4)‖ /
+  ‖deq(Q)‖ is reported per matrix.
+* `hf-hqq`: OUT, a transformers directory of HQQ layers holding qpeft's integer
+  codes exactly (`qpeft.export.hqq`; other formats re-quantized to the nearest
+  integer config, the error reported), and OUT/adapter as for hf-bnb.
 * `merged`: OUT, a plain transformers model with W = deq(Q) + ΔW in `--dtype`.
 * `peft`: OUT, the adapters alone as a peft LoRA directory, for a base the user holds.
 
@@ -26,50 +30,23 @@ import torch
 from torch import nn
 
 from qpeft.errors import QpeftError
-from qpeft.export.lora import LoraFactors, lora_factors, write_peft_adapter
+from qpeft.export.hqq import export_hf_hqq, hqq_group
+from qpeft.export.lora import write_peft_adapter
+from qpeft.export.transformers_dir import (
+    adapter_factors,
+    finish_transformers_dir,
+    relative_error,
+    start_transformers_dir,
+)
 from qpeft.io.atomic import atomic_directory
-from qpeft.io.checkpoint import ShardWriter, read_manifest
-from qpeft.models.resolve import copy_model_files
-from qpeft.models.weights import unshared_state
+from qpeft.io.checkpoint import read_manifest
 from qpeft.modules import quantized_layers
-from qpeft.quant import PRESETS, QuantizedTensor, dequantize, quantize
+from qpeft.quant import PRESETS, QuantConfig, QuantizedTensor, dequantize, quantize
 from qpeft.quant.config import TORCH_DTYPES
+from qpeft.quant.formats.integer import IntConfig
 
 REPORT_NAME = "qpeft_export.json"
 NF4 = PRESETS["nf4"]  # bitsandbytes' NF4 with double quantization
-
-
-def _relative(diff: torch.Tensor, reference: torch.Tensor) -> float:
-    return float(torch.linalg.norm(diff)) / (float(torch.linalg.norm(reference)) or 1.0)
-
-
-def _adapters(model: nn.Module, rank: int | None) -> tuple[dict[str, LoraFactors], dict[str, float]]:
-    factors = {}
-    for name, layer in quantized_layers(model).items():
-        if layer.adapter is not None:
-            factors[name] = lora_factors(layer.adapter, rank)
-    return factors, {name: f.rel_error for name, f in factors.items()}
-
-
-def _start_transformers_dir(model: nn.Module, src: Path, out: Path, dtype: torch.dtype | None) -> ShardWriter:
-    """Config and tokenizer files in `out` (not qpeft's own), and a shard writer that
-    holds the model's tensors other than the quantized layers' (tied ones once;
-    floating ones cast to `dtype` unless None)."""
-    copy_model_files(src, out)
-    for name in ("qpeft_manifest.json", "cost_table.json"):
-        (out / name).unlink(missing_ok=True)
-    writer = ShardWriter(out)
-    skip = tuple(f"{name}." for name in quantized_layers(model))
-    for name, tensor in unshared_state(model).items():
-        if not name.startswith(skip):
-            writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
-    return writer
-
-
-def _finish_transformers_dir(out: Path, writer: ShardWriter) -> None:
-    writer.flush()
-    index = {"metadata": {}, "weight_map": writer.weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
 def bnb_state(qt: QuantizedTensor, compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -104,20 +81,20 @@ def export_hf_bnb(
 ) -> dict[str, Any]:
     from transformers import AutoConfig, BitsAndBytesConfig
 
-    factors, adapter_errors = _adapters(model, rank)
+    factors, adapter_errors = adapter_factors(model, rank)
     requantized: dict[str, float] = {}
-    writer = _start_transformers_dir(model, src, out, None)
+    writer = start_transformers_dir(model, src, out, None)
     for name, layer in quantized_layers(model).items():
         qt = layer.quantized
         if qt.config != NF4:
             weight = dequantize(qt)
             qt = quantize(weight, NF4)
-            requantized[name] = _relative(weight - dequantize(qt), weight)
+            requantized[name] = relative_error(weight - dequantize(qt), weight)
         for suffix, tensor in bnb_state(qt, dtype).items():
             writer.add(f"{name}.weight{suffix}", tensor)
         if layer.bias is not None:
             writer.add(f"{name}.bias", layer.bias)
-    _finish_transformers_dir(out, writer)
+    finish_transformers_dir(out, writer)
     config = AutoConfig.from_pretrained(out)
     quantized = set(quantized_layers(model))
     skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
@@ -138,7 +115,7 @@ def export_hf_bnb(
 def export_merged(
     model, manifest, src: Path, out: Path, final: Path, rank: int | None, dtype: torch.dtype
 ) -> dict[str, Any]:
-    writer = _start_transformers_dir(model, src, out, dtype)
+    writer = start_transformers_dir(model, src, out, dtype)
     for name, layer in quantized_layers(model).items():
         weight = layer.dequantized_weight(torch.float32)
         if layer.adapter is not None:
@@ -146,7 +123,7 @@ def export_merged(
         writer.add(f"{name}.weight", weight.to(dtype))
         if layer.bias is not None:
             writer.add(f"{name}.bias", layer.bias.to(dtype))
-    _finish_transformers_dir(out, writer)
+    finish_transformers_dir(out, writer)
     config = json.loads((out / "config.json").read_text())
     config["torch_dtype"] = config["dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
         dtype, "float32"
@@ -158,28 +135,61 @@ def export_merged(
 def export_peft(
     model, manifest, src: Path, out: Path, final: Path, rank: int | None, dtype: torch.dtype
 ) -> dict[str, Any]:
-    factors, adapter_errors = _adapters(model, rank)
+    factors, adapter_errors = adapter_factors(model, rank)
     base = manifest.get("base_model", {})
     write_peft_adapter(out, factors, base.get("source") or base.get("path") or str(src))
     return {"adapter_rel_error": adapter_errors}
 
 
-EXPORTERS = {"hf-bnb": export_hf_bnb, "merged": export_merged, "peft": export_peft}
+EXPORTERS = {"hf-bnb": export_hf_bnb, "hf-hqq": export_hf_hqq, "merged": export_merged, "peft": export_peft}
 
 
-def export_checkpoint(src: Path, to: str, out: Path, rank: int | None = None, dtype: str = "bf16") -> dict[str, Any]:
-    """Export the qpeft checkpoint `src` to `out` as `to`; returns the report."""
+def holds_exactly(to: str, config: QuantConfig, shape: tuple[int, int]) -> bool:
+    """Whether the export format `to` stores a matrix of `config` and `shape` as it is
+    (the LoRA-form and merged exports hold anything)."""
+    if to == "hf-bnb":
+        return config == NF4
+    if to == "hf-hqq":
+        return isinstance(config, IntConfig) and hqq_group(config, shape) is not None
+    return True
+
+
+def _check_requantization(model: nn.Module, to: str, requantize: bool) -> None:
+    held_not = {
+        name: layer.config.name
+        for name, layer in quantized_layers(model).items()
+        if not holds_exactly(to, layer.config, (layer.out_features, layer.in_features))
+    }
+    if held_not and not requantize:
+        name, config = next(iter(held_not.items()))
+        raise QpeftError(
+            f"{to} cannot hold {len(held_not)} of the checkpoint's matrices as they are (e.g. {name}, {config}): "
+            "pass --requantize to re-quantize them (each one's error is reported)"
+        )
+
+
+DEFAULT_DTYPES = {"hf-hqq": "fp16"}  # HQQ casts its fp16 scales and zeros to this: fp16 keeps them exact
+
+
+def export_checkpoint(
+    src: Path, to: str, out: Path, rank: int | None = None, dtype: str | None = None, requantize: bool = False
+) -> dict[str, Any]:
+    """Export the qpeft checkpoint `src` to `out` as `to` (`dtype` None: the format's
+    default, `DEFAULT_DTYPES` or bf16); returns the report. Matrices the format cannot
+    hold as they are are re-quantized with `requantize`, and are an error without."""
     from qpeft.models.loading import load_checkpoint
 
     if to not in EXPORTERS:
         raise QpeftError(f"unknown export format {to!r} (choose from {', '.join(EXPORTERS)})")
     if rank is not None and rank <= 0:
         raise QpeftError(f"--rank must be positive, got {rank}")
+    dtype = dtype or DEFAULT_DTYPES.get(to, "bf16")
     manifest = read_manifest(src)
     model = load_checkpoint(src)
+    _check_requantization(model, to, requantize)
     torch_dtype = TORCH_DTYPES[dtype]
     with atomic_directory(out) as tmp:
         report = EXPORTERS[to](model, manifest, src, tmp, Path(out).resolve(), rank, torch_dtype)
-        report = {"source": str(src), "format": to, "rank": rank, "dtype": dtype, **report}
+        report = {"source": str(src), "format": to, "rank": rank, "dtype": dtype, "requantize": requantize, **report}
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -1,6 +1,6 @@
 """`qpeft export` as a library call: a qpeft checkpoint written for another runtime
-(`qpeft.export`: transformers + bitsandbytes + peft, merged weights, or a peft
-adapter)."""
+(`qpeft.export`: transformers + bitsandbytes or HQQ + peft, merged weights, or a
+peft adapter)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ class ExportRequest:
     to: str
     out: Path
     rank: int | None = None
-    dtype: str = "bf16"
+    dtype: str | None = None
+    requantize: bool = False  # re-quantize the matrices the format cannot hold as they are
 
 
 def run_export(request: ExportRequest) -> dict[str, Any]:
@@ -33,4 +34,4 @@ def run_export(request: ExportRequest) -> dict[str, Any]:
     if not is_checkpoint(r.checkpoint):
         raise QpeftError(f"{r.checkpoint} is not a qpeft checkpoint (no qpeft_manifest.json)")
     check_output(r.out)
-    return export_checkpoint(r.checkpoint, r.to, r.out, r.rank, r.dtype)
+    return export_checkpoint(r.checkpoint, r.to, r.out, r.rank, r.dtype, r.requantize)

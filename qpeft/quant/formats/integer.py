@@ -169,6 +169,13 @@ class IntConfig(QuantConfig):
             out[part] = values
         return out.reshape(qt.shape)
 
+    def unpacked(self, qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, scales, zeros) of `qt`: uint8 codes (rows, cols) and the fp16 parts
+        (rows, groups), so that ŵ = (q − z) · s per group (what an exporter rewrites)."""
+        rows, cols, groups = self.groups(qt.shape)
+        codes = unpack_codes(qt.parts["codes"], self.bits)[: rows * cols].to(torch.uint8).view(rows, cols)
+        return codes, qt.parts["scales"].view(rows, groups), qt.parts["zeros"].view(rows, groups)
+
     def _values(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
         """(q − z) · s in fp32 for codes (rows, cols) and fp16 parts (rows, groups)."""
         cols = codes.shape[1]

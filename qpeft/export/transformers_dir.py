@@ -1,0 +1,52 @@
+"""What the transformers-directory exports share: the model's other tensors and files,
+the shard index, and the adapters in LoRA form."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qpeft.export.lora import LoraFactors, lora_factors
+from qpeft.io.checkpoint import ShardWriter
+from qpeft.models.resolve import copy_model_files
+from qpeft.models.weights import unshared_state
+from qpeft.modules import quantized_layers
+
+
+def relative_error(diff: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖diff‖ / ‖reference‖ (Frobenius; ‖diff‖ when the reference is zero)."""
+    return float(torch.linalg.norm(diff)) / (float(torch.linalg.norm(reference)) or 1.0)
+
+
+def adapter_factors(model: nn.Module, rank: int | None) -> tuple[dict[str, LoraFactors], dict[str, float]]:
+    """Every adapter of `model` as LoRA factors of rank ≤ `rank`, and each one's relative error."""
+    factors = {}
+    for name, layer in quantized_layers(model).items():
+        if layer.adapter is not None:
+            factors[name] = lora_factors(layer.adapter, rank)
+    return factors, {name: f.rel_error for name, f in factors.items()}
+
+
+def start_transformers_dir(model: nn.Module, src: Path, out: Path, dtype: torch.dtype | None) -> ShardWriter:
+    """Config and tokenizer files in `out` (not qpeft's own), and a shard writer that
+    holds the model's tensors other than the quantized layers' (tied ones once;
+    floating ones cast to `dtype` unless None)."""
+    copy_model_files(src, out)
+    for name in ("qpeft_manifest.json", "cost_table.json"):
+        (out / name).unlink(missing_ok=True)
+    writer = ShardWriter(out)
+    skip = tuple(f"{name}." for name in quantized_layers(model))
+    for name, tensor in unshared_state(model).items():
+        if not name.startswith(skip):
+            writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+    return writer
+
+
+def finish_transformers_dir(out: Path, writer: ShardWriter) -> None:
+    """Write the last shard and the shard index."""
+    writer.flush()
+    index = {"metadata": {}, "weight_map": writer.weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
