@@ -215,6 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="merged weights / compute dtype (default: fp16 for hf-hqq, whose fp16 scales it keeps exact; else bf16)",
     )
 
+    gen = sub.add_parser(
+        "generate", parents=[common], help="generate text from a model or a qpeft checkpoint, streamed as decoded"
+    )
+    _add_model_arg(gen, checkpoint=True)
+    gen.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    gen.add_argument("--do-sample", action="store_true", help="sample (default: greedy decoding)")
+    gen.add_argument("--temperature", type=float, default=None, help="with --do-sample (transformers' name)")
+    gen.add_argument("--top-p", type=float, default=None, help="with --do-sample: nucleus mass")
+    gen.add_argument("--top-k", type=int, default=None, help="with --do-sample: the k likeliest tokens")
+    gen.add_argument("--repetition-penalty", type=float, default=None, help="transformers' repetition_penalty")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+    gen.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: fp32 on the CPU, bf16 on CUDA"
+    )
+    gen.add_argument("--device", default="cpu")
+
     ins = sub.add_parser(
         "inspect",
         parents=[common],
@@ -396,6 +415,22 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({args.to}, {size / 2**20:.1f} MiB); per-matrix errors in {args.out / REPORT_NAME}")
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from qpeft.stages.generate import GenerateRequest, run_generate
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = run_generate(_request(GenerateRequest, args), show)
+    print()
+    print(
+        f"{result.new_tokens} new tokens after a {result.prompt_tokens}-token prompt in {result.seconds:.2f} s: "
+        f"{result.tokens_per_second:.1f} tokens/s decoding, first token after {result.first_token_seconds:.2f} s",
+        file=sys.stderr,
+    )
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from qpeft.io.checkpoint import is_checkpoint, read_manifest, verify_checkpoint
     from qpeft.io.summary import bit_averages, format_type_table, type_table
@@ -499,6 +534,7 @@ COMMANDS = {
     "decompose": cmd_decompose,
     "eval": cmd_eval,
     "export": cmd_export,
+    "generate": cmd_generate,
     "inspect": cmd_inspect,
     "train": cmd_train,
     "plan": cmd_plan,
