@@ -61,7 +61,7 @@ def test_group_sizes_hqq_can_hold():
 def mixed_checkpoint(tmp_path_factory) -> Path:
     """An ILP mixture of the four integer configs of MIXED (each matrix of the tiny
     LLaMA scaled by 8^-1.5 … 8^1.5, so that the costs differ and the ILP mixes) with
-    non-zero rank-4 LoRA adapters."""
+    non-zero rank-4 LoRA adapters, RoPE at SmolLM2's θ."""
     from safetensors.torch import load_file, save_file
 
     from qpeft.cli import main
@@ -73,6 +73,9 @@ def mixed_checkpoint(tmp_path_factory) -> Path:
     for i, key in enumerate(sorted(k for k in tensors if k.endswith("proj.weight"))):
         tensors[key] = tensors[key] * 8.0 ** (i % 4 - 1.5)
     save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 100000.0  # SmolLM2's: transformers 4.57 must see it too
+    (source / "config.json").write_text(json.dumps(config))
     argv = ["decompose", source, "--out", root / "int", "--budget", "4.5", "--rank", "0", "--no-fisher"]
     assert main([str(a) for a in [*argv, "--rounding", "nearest", "--configs", MIXED]]) == 0
     model = load_checkpoint(root / "int")
@@ -136,10 +139,9 @@ def test_integer_layers_are_hqq_bit_for_bit_and_peft_adapts_them(mixed_checkpoin
         expected, got = ours(IDS).logits, adapted(IDS).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     config = json.loads((tmp_path / "hqq" / "config.json").read_text())
-    assert (
-        config["quantization_config"]["quant_method"] == "hqq"
-        and "lm_head" in config["quantization_config"]["skip_modules"]
-    )
+    assert config["rope_theta"] == 100000.0  # transformers 4.x's name of transformers 5's rope_parameters
+    hqq = config["quantization_config"]
+    assert hqq["quant_method"] == "hqq" and "lm_head" in hqq["skip_modules"]
 
 
 def test_fp16_scales_stay_exact_in_an_fp16_runtime(mixed_checkpoint, tmp_path):
@@ -179,20 +181,26 @@ def test_nf_matrices_need_requantize_and_report_their_error(tiny_model_dir, tmp_
 @pytest.mark.skipif(not HF4_PYTHON.exists(), reason="needs the transformers 4.57 environment: make hf4-env")
 def test_transformers_457_loads_the_export_with_no_qpeft(mixed_checkpoint, tmp_path):
     """`AutoModelForCausalLM.from_pretrained` + `PeftModel.from_pretrained` in a
-    transformers 4.57 + hqq + peft environment: qpeft's logits, bit for bit in fp32."""
-    export_checkpoint(mixed_checkpoint, "hf-hqq", tmp_path / "hqq", dtype="fp32")
+    transformers 4.57 + hqq + peft environment: qpeft's logits, bit for bit in fp32,
+    and within fp16 rounding in the default fp16 runtime."""
     ours = load_checkpoint(mixed_checkpoint)
     with torch.no_grad():
         logits = ours(IDS).logits.float()
     weights = {name: layer.dequantized_weight() for name, layer in quantized_layers(ours).items()}
     torch.save({"ids": IDS, "logits": logits, "weights": weights}, tmp_path / "reference.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [str(HF4_PYTHON), str(ROOT / "tools" / "hqq_load.py"), str(tmp_path / "hqq"), str(tmp_path / "reference.pt")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
-    assert found["transformers"].startswith("4.57") and not found["qpeft_imported"]
-    assert found["hqq_layers"] == len(weights) and found["weights_equal"] and found["adapter"]
-    assert found["rel_diff"] < 1e-6, found
+    found = {}
+    for dtype in ("fp32", "fp16"):
+        export_checkpoint(mixed_checkpoint, "hf-hqq", tmp_path / dtype, dtype=dtype)
+        loader = [str(HF4_PYTHON), str(ROOT / "tools" / "hqq_load.py"), str(tmp_path / dtype)]
+        result = subprocess.run(
+            [*loader, str(tmp_path / "reference.pt"), "--dtype", dtype],
+            capture_output=True, text=True, env=env, cwd=tmp_path, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        found[dtype] = json.loads(result.stdout.strip().splitlines()[-1])
+    full, half = found["fp32"], found["fp16"]
+    assert full["transformers"].startswith("4.57") and not full["qpeft_imported"]
+    assert full["hqq_layers"] == len(weights) and full["weights_equal"] and full["adapter"]
+    assert full["rel_diff"] < 1e-6, full
+    assert half["hqq_layers"] == len(weights) and half["rel_diff"] < 1e-2, half

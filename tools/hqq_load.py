@@ -7,7 +7,8 @@ DIR/reference.pt with the logits stored there (qpeft's own forward).
 
 Prints one JSON line: versions, the HQQ layers found, the largest absolute and the
 relative logit difference, and whether every quantized matrix dequantizes to the
-reference weights stored beside the logits (bit for bit in fp32).
+reference weights stored beside the logits (bit for bit in fp32). In fp16 or bf16 it
+first sets each HQQ layer's compute dtype, which transformers 4.57 leaves at fp32.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def main() -> None:
     reference = torch.load(args.reference)
     model = AutoModelForCausalLM.from_pretrained(args.export, dtype=dtype, device_map="cpu")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, HQQLinear)}
+    if dtype != torch.float32:
+        # transformers 4.57 builds pre-quantized HQQ layers with an fp32 compute dtype
+        # whatever `dtype` is (hqq issue #170: "expected mat1 and mat2 to have the same
+        # dtype"); setting it and re-placing the layer casts scale and zero to it
+        for layer in layers.values():
+            layer.compute_dtype = dtype
+            layer.cuda(layer.device)
     weights_equal = all(
         torch.equal(layers[name].dequantize().float(), weight) for name, weight in reference["weights"].items()
     )
@@ -60,6 +68,7 @@ def main() -> None:
                 "weights_checked": len(reference["weights"]),
                 "weights_equal": weights_equal,
                 "adapter": adapter.is_dir(),
+                "compute_dtype_set": dtype != torch.float32,
                 "max_abs_diff": float(diff.max()),
                 "rel_diff": float(diff.norm() / reference["logits"].norm()),
                 "max_abs_logit": float(reference["logits"].abs().max()),

@@ -218,6 +218,19 @@ def hqq_quant_config(layers: dict[str, tuple[int, int]]) -> dict[str, Any]:
     return out
 
 
+def transformers4_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json as transformers 4.57 reads it too: transformers 5 keeps RoPE's
+    settings in `rope_parameters`, 4.x in `rope_theta` and `rope_scaling` (without
+    them it would run RoPE at θ = 10000)."""
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", scaling)
+    return config
+
+
 def export_hf_hqq(
     model: nn.Module, manifest: dict, src: Path, out: Path, final: Path, rank: int | None, dtype: torch.dtype
 ) -> dict[str, Any]:
@@ -225,7 +238,7 @@ def export_hf_hqq(
     requantized: dict[str, dict[str, Any]] = {}
     settings: dict[str, tuple[int, int]] = {}
     stored_bits = params = 0
-    writer = start_transformers_dir(model, src, out, None)
+    writer = start_transformers_dir(model, src, out, dtype)  # HQQ runs the whole model in its compute dtype
     for name, layer in quantized_layers(model).items():
         qt, shape = layer.quantized, (layer.out_features, layer.in_features)
         if not isinstance(qt.config, IntConfig) or hqq_group(qt.config, shape) is None:
@@ -239,10 +252,10 @@ def export_hf_hqq(
         for key, tensor in state.items():
             writer.add(f"{name}.{key}", tensor)
         if layer.bias is not None:
-            writer.add(f"{name}.bias", layer.bias)
+            writer.add(f"{name}.bias", layer.bias.to(dtype))
     finish_transformers_dir(out, writer)
     config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
+    config = transformers4_config(json.loads(config_path.read_text()))
     quantized = set(settings)
     skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     config["quantization_config"] = {
