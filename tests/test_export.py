@@ -69,6 +69,9 @@ def test_merged_loads_as_a_plain_model(lora_checkpoint, tmp_path):
     export_checkpoint(lora_checkpoint, "merged", tmp_path / "merged", dtype="fp32")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not hasattr(plain.config, "quantization_config")
+    # transformers 4 reads RoPE's θ from rope_theta, transformers 5 from rope_parameters
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
     torch.testing.assert_close(_logits(plain), _logits(load_checkpoint(lora_checkpoint)), rtol=1e-4, atol=1e-4)
 
 

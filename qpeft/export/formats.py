@@ -37,6 +37,7 @@ from qpeft.export.transformers_dir import (
     finish_transformers_dir,
     relative_error,
     start_transformers_dir,
+    transformers4_config,
 )
 from qpeft.io.atomic import atomic_directory
 from qpeft.io.checkpoint import read_manifest
@@ -190,6 +191,9 @@ def export_checkpoint(
     torch_dtype = TORCH_DTYPES[dtype]
     with atomic_directory(out) as tmp:
         report = EXPORTERS[to](model, manifest, src, tmp, Path(out).resolve(), rank, torch_dtype)
+        config = tmp / "config.json"
+        if config.is_file():  # readable by transformers 4 as well as 5
+            config.write_text(json.dumps(transformers4_config(json.loads(config.read_text())), indent=2) + "\n")
         report = {"source": str(src), "format": to, "rank": rank, "dtype": dtype, "requantize": requantize, **report}
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     return report

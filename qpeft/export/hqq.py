@@ -218,19 +218,6 @@ def hqq_quant_config(layers: dict[str, tuple[int, int]]) -> dict[str, Any]:
     return out
 
 
-def transformers4_config(config: dict[str, Any]) -> dict[str, Any]:
-    """config.json as transformers 4.57 reads it too: transformers 5 keeps RoPE's
-    settings in `rope_parameters`, 4.x in `rope_theta` and `rope_scaling` (without
-    them it would run RoPE at θ = 10000)."""
-    rope = config.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        config.setdefault("rope_theta", rope["rope_theta"])
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if scaling.get("rope_type", "default") != "default":
-            config.setdefault("rope_scaling", scaling)
-    return config
-
-
 def export_hf_hqq(
     model: nn.Module, manifest: dict, src: Path, out: Path, final: Path, rank: int | None, dtype: torch.dtype
 ) -> dict[str, Any]:
@@ -255,7 +242,7 @@ def export_hf_hqq(
             writer.add(f"{name}.bias", layer.bias.to(dtype))
     finish_transformers_dir(out, writer)
     config_path = out / "config.json"
-    config = transformers4_config(json.loads(config_path.read_text()))
+    config = json.loads(config_path.read_text())
     quantized = set(settings)
     skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     config["quantization_config"] = {

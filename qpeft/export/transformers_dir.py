@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,3 +51,16 @@ def finish_transformers_dir(out: Path, writer: ShardWriter) -> None:
     writer.flush()
     index = {"metadata": {}, "weight_map": writer.weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+def transformers4_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json as transformers 4.57 reads it too: transformers 5 keeps RoPE's
+    settings in `rope_parameters`, 4.x in `rope_theta` and `rope_scaling` (without
+    them it would run RoPE at θ = 10000)."""
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", scaling)
+    return config
