@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from qpeft.errors import QpeftError
 from qpeft.quant.config import QuantConfig
+from qpeft.quant.formats.ggml import GGMLConfig
 from qpeft.quant.formats.integer import IntConfig
 from qpeft.quant.formats.normalfloat import NFConfig
 
-FORMATS: tuple[type[QuantConfig], ...] = (NFConfig, IntConfig)
+FORMATS: tuple[type[QuantConfig], ...] = (NFConfig, IntConfig, GGMLConfig)
 
 PRESETS: dict[str, QuantConfig] = {name: config for fmt in FORMATS for name, config in fmt.presets.items()}
 GRIDS: dict[str, list[QuantConfig]] = {name: grid for fmt in FORMATS for name, grid in fmt.grids.items()}
