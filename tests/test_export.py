@@ -13,10 +13,9 @@ from qpeft.export import formats
 from qpeft.export.formats import REPORT_NAME, export_checkpoint
 from qpeft.io.trained import save_trained
 from qpeft.models.loading import load_checkpoint
-from qpeft.modules.adapters import LowRankAdapter
 from qpeft.quant import PRESETS
 from qpeft.stages.quantize import quantize_model
-from qpeft.training.model import add_lora
+from qpeft.training.model import save_with_random_lora
 from tests.conftest import SMALL_GRID, assert_one_line_error, run
 
 IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -27,13 +26,7 @@ def lora_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
     """An all-NF4 checkpoint with non-zero LoRA adapters (scale 2), as `qpeft train` writes."""
     root = tmp_path_factory.mktemp("lora")
     quantize_model(tiny_model_dir, root / "nf4", PRESETS["nf4"])
-    model = load_checkpoint(root / "nf4")
-    add_lora(model, 4, 8.0, seed=0)
-    for module in model.modules():
-        if isinstance(module, LowRankAdapter):
-            torch.nn.init.normal_(module.left, std=0.05, generator=torch.Generator().manual_seed(1))
-    save_trained(model, root / "nf4", root / "trained", {"step": 0, "tokens": 0})
-    return root / "trained"
+    return save_with_random_lora(root / "nf4", root / "trained", 4, 8.0, std=0.05)
 
 
 def _logits(model) -> torch.Tensor:

@@ -20,28 +20,14 @@ from qpeft.errors import QpeftError
 from qpeft.eval.perplexity import load_eval_text, tokenize
 from qpeft.export.formats import NF4, REPORT_NAME, export_checkpoint
 from qpeft.io.checkpoint import read_manifest
-from qpeft.io.trained import save_trained
 from qpeft.models.loading import load_checkpoint
-from qpeft.modules.adapters import LowRankAdapter
 from qpeft.stages.quantize import quantize_model
-from qpeft.training.model import add_lora
+from qpeft.training.model import save_with_random_lora
 
 pytestmark = pytest.mark.slow
 
 TOKENS = 512
 KINDS = ["nf4", "mixed"]
-
-
-def _with_lora(base: Path, out: Path) -> Path:
-    """`base` with a LoRA of rank 8 (alpha 16) on every matrix, L1 drawn non-zero."""
-    model = load_checkpoint(base)
-    add_lora(model, 8, 16.0, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, LowRankAdapter):
-            torch.nn.init.normal_(module.left, std=0.01, generator=generator)
-    save_trained(model, base, out, {"step": 0, "tokens": 0})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +42,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     quantize_model(model_dir, root / "nf4-base", NF4)
     mixed = ["--budget", "3.5", "--configs", "nf3,nf4", "--rank", "0", "--no-fisher", "--rounding", "nearest"]
     assert _cli("decompose", "smollm2", *mixed, "--out", root / "mixed-base") == 0
-    return {kind: _with_lora(root / f"{kind}-base", root / kind) for kind in KINDS}
+    return {kind: save_with_random_lora(root / f"{kind}-base", root / kind, 8, 16.0, std=0.01) for kind in KINDS}
 
 
 def _cli(*argv: object) -> int:

@@ -20,13 +20,11 @@ from safetensors import safe_open
 
 from qpeft.export.formats import REPORT_NAME, export_checkpoint
 from qpeft.export.hqq import hqq_group, hqq_pack, int_candidates
-from qpeft.io.trained import save_trained
 from qpeft.models.loading import load_checkpoint
 from qpeft.modules import quantized_layers
-from qpeft.modules.adapters import LowRankAdapter
 from qpeft.quant import parse_config
 from qpeft.quant.formats.integer import IntConfig
-from qpeft.training.model import add_lora
+from qpeft.training.model import save_with_random_lora
 from tests.conftest import assert_one_line_error, run
 
 hqq_quantize = pytest.importorskip("hqq.core.quantize")
@@ -78,13 +76,7 @@ def mixed_checkpoint(tmp_path_factory) -> Path:
     (source / "config.json").write_text(json.dumps(config))
     argv = ["decompose", source, "--out", root / "int", "--budget", "4.5", "--rank", "0", "--no-fisher"]
     assert main([str(a) for a in [*argv, "--rounding", "nearest", "--configs", MIXED]]) == 0
-    model = load_checkpoint(root / "int")
-    add_lora(model, 4, 8.0, seed=0)
-    for module in model.modules():
-        if isinstance(module, LowRankAdapter):
-            torch.nn.init.normal_(module.left, std=0.05, generator=torch.Generator().manual_seed(1))
-    save_trained(model, root / "int", root / "trained", {"step": 0, "tokens": 0})
-    return root / "trained"
+    return save_with_random_lora(root / "int", root / "trained", 4, 8.0, std=0.05)
 
 
 def _load_like_transformers(export: Path, dtype: torch.dtype) -> torch.nn.Module:

@@ -8,13 +8,11 @@ import re
 import pytest
 import torch
 
-from qpeft.io.trained import save_trained
 from qpeft.models.loading import load_checkpoint
-from qpeft.modules.adapters import LowRankAdapter
 from qpeft.quant import PRESETS
 from qpeft.stages.generate import GenerateRequest, run_generate
 from qpeft.stages.quantize import quantize_model
-from qpeft.training.model import add_lora
+from qpeft.training.model import save_with_random_lora
 from tests.conftest import assert_one_line_error, run
 
 PROMPT = "The history of the"
@@ -25,13 +23,7 @@ def trained(tiny_model_dir, tmp_path_factory):
     """An NF4 checkpoint with non-zero LoRA adapters."""
     root = tmp_path_factory.mktemp("generate")
     quantize_model(tiny_model_dir, root / "nf4", PRESETS["nf4"])
-    model = load_checkpoint(root / "nf4")
-    add_lora(model, 4, 8.0, seed=0)
-    for module in model.modules():
-        if isinstance(module, LowRankAdapter):
-            torch.nn.init.normal_(module.left, std=0.5, generator=torch.Generator().manual_seed(1))
-    save_trained(model, root / "nf4", root / "trained", {"step": 0, "tokens": 0})
-    return root / "trained"
+    return save_with_random_lora(root / "nf4", root / "trained", 4, 8.0, std=0.5)
 
 
 def _greedy(model, tokenizer, n: int) -> str:

@@ -34,28 +34,13 @@ from qpeft.cli import main as qpeft
 from qpeft.eval.perplexity import load_eval_text, tokenize
 from qpeft.export.formats import export_checkpoint
 from qpeft.io.checkpoint import read_manifest
-from qpeft.io.trained import save_trained
 from qpeft.models.loading import load_checkpoint
 from qpeft.models.resolve import resolve_model
 from qpeft.modules import quantized_layers
-from qpeft.modules.adapters import LowRankAdapter
-from qpeft.training.model import add_lora
+from qpeft.training.model import save_with_random_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 ILP_CONFIGS = "int2-g64,int3-g64,int4-g64,int4-g128,int8-g64"
-
-
-def with_adapter(base: Path, out: Path) -> Path:
-    """`base` with rank-8 LoRA adapters of random non-zero factors."""
-    if not out.exists():
-        model = load_checkpoint(base)
-        add_lora(model, 8, 16.0, seed=0)
-        generator = torch.Generator().manual_seed(1)
-        for module in model.modules():
-            if isinstance(module, LowRankAdapter):
-                torch.nn.init.normal_(module.left, std=0.02, generator=generator)
-        save_trained(model, base, out, {"step": 0, "tokens": 0})
-    return out
 
 
 def checkpoints(work: Path) -> dict[str, tuple[Path, bool]]:
@@ -70,7 +55,10 @@ def checkpoints(work: Path) -> dict[str, tuple[Path, bool]]:
         path = work / name
         if not path.exists() and qpeft([*argv, "--out", str(path)]) != 0:
             raise SystemExit(f"qpeft {' '.join(argv)} failed")
-        out[name] = (path if name == "nf4" else with_adapter(path, work / f"{name}-lora"), name == "nf4")
+        lora = work / f"{name}-lora"
+        if name != "nf4" and not lora.exists():
+            save_with_random_lora(path, lora, 8, 16.0, std=0.02)
+        out[name] = (path if name == "nf4" else lora, name == "nf4")
     return out
 
 

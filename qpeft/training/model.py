@@ -148,3 +148,20 @@ def freeze_all_but_adapters(model: nn.Module) -> list[nn.Parameter]:
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors by name (what a training checkpoint stores)."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_with_random_lora(base: Path, out: Path, rank: int, alpha: float, std: float, seed: int = 1) -> Path:
+    """The checkpoint `base` with a rank-`rank` LoRA (scale alpha / rank) on every
+    quantized matrix, L1 drawn N(0, std²) and L2 as `add_lora` draws it, written to
+    `out`: a non-zero ΔW, as a fine-tune leaves, for checks of exports and reloads."""
+    from qpeft.io.trained import save_trained
+    from qpeft.models.loading import load_checkpoint
+
+    model = load_checkpoint(base)
+    add_lora(model, rank, alpha, seed=0)
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LowRankAdapter):
+            torch.nn.init.normal_(module.left, std=std, generator=generator)
+    save_trained(model, base, out, {"step": 0, "tokens": 0})
+    return out
