@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -87,8 +88,7 @@ def main() -> None:
         summary = read_manifest(ckpt)["summary"]
         for dtype in ("fp32", "fp16"):
             out = args.work / f"{name}-hqq-{dtype}"
-            if out.exists():
-                subprocess.run(["rm", "-rf", str(out)], check=True)
+            shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
             report = export_checkpoint(ckpt, "hf-hqq", out, dtype=dtype, requantize=requantize)
             seconds = time.perf_counter() - start

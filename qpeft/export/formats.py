@@ -30,21 +30,22 @@ import torch
 from torch import nn
 
 from qpeft.errors import QpeftError
-from qpeft.export.hqq import export_hf_hqq, hqq_group
+from qpeft.export.hqq import export_hf_hqq, hqq_holds
 from qpeft.export.lora import write_peft_adapter
 from qpeft.export.transformers_dir import (
     adapter_factors,
+    config_dtype_name,
     finish_transformers_dir,
     relative_error,
     start_transformers_dir,
     transformers4_config,
+    unquantized_linear,
 )
 from qpeft.io.atomic import atomic_directory
 from qpeft.io.checkpoint import read_manifest
 from qpeft.modules import quantized_layers
 from qpeft.quant import PRESETS, QuantConfig, QuantizedTensor, dequantize, quantize
 from qpeft.quant.config import TORCH_DTYPES
-from qpeft.quant.formats.integer import IntConfig
 
 REPORT_NAME = "qpeft_export.json"
 NF4 = PRESETS["nf4"]  # bitsandbytes' NF4 with double quantization
@@ -97,8 +98,7 @@ def export_hf_bnb(
             writer.add(f"{name}.bias", layer.bias)
     finish_transformers_dir(out, writer)
     config = AutoConfig.from_pretrained(out)
-    quantized = set(quantized_layers(model))
-    skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+    skip = unquantized_linear(model)
     config.quantization_config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -126,9 +126,7 @@ def export_merged(
             writer.add(f"{name}.bias", layer.bias.to(dtype))
     finish_transformers_dir(out, writer)
     config = json.loads((out / "config.json").read_text())
-    config["torch_dtype"] = config["dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
-        dtype, "float32"
-    )
+    config["torch_dtype"] = config["dtype"] = config_dtype_name(dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return {}
 
@@ -151,7 +149,7 @@ def holds_exactly(to: str, config: QuantConfig, shape: tuple[int, int]) -> bool:
     if to == "hf-bnb":
         return config == NF4
     if to == "hf-hqq":
-        return isinstance(config, IntConfig) and hqq_group(config, shape) is not None
+        return hqq_holds(config, shape)
     return True
 
 

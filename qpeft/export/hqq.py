@@ -48,12 +48,14 @@ from torch import nn
 from qpeft.export.lora import write_peft_adapter
 from qpeft.export.transformers_dir import (
     adapter_factors,
+    config_dtype_name,
     finish_transformers_dir,
     relative_error,
     start_transformers_dir,
+    unquantized_linear,
 )
 from qpeft.modules import quantized_layers
-from qpeft.quant import QuantizedTensor, dequantize, quantize
+from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 from qpeft.quant.formats.integer import CODE_BITS, MAX_GROUP, IntConfig
 
 SMALLEST_GROUP = 8  # HQQ's BaseQuantizeConfig: group sizes are multiples of 8
@@ -71,6 +73,12 @@ def hqq_group(config: IntConfig, shape: tuple[int, int]) -> int | None:
     while group >= SMALLEST_GROUP and (rows * cols // group) % whole:
         group //= 2
     return group if group >= SMALLEST_GROUP else None
+
+
+def hqq_holds(config: QuantConfig, shape: tuple[int, int]) -> bool:
+    """Whether HQQ stores a matrix of `config` and `shape` exactly (an integer config
+    with an HQQ group size)."""
+    return isinstance(config, IntConfig) and hqq_group(config, shape) is not None
 
 
 def hqq_bits_per_param(bits: int, group: int) -> float:
@@ -228,7 +236,7 @@ def export_hf_hqq(
     writer = start_transformers_dir(model, src, out, dtype)  # HQQ runs the whole model in its compute dtype
     for name, layer in quantized_layers(model).items():
         qt, shape = layer.quantized, (layer.out_features, layer.in_features)
-        if not isinstance(qt.config, IntConfig) or hqq_group(qt.config, shape) is None:
+        if not hqq_holds(qt.config, shape):
             qt, error = requantize(qt)
             requantized[name] = {"from": layer.config.name, "to": qt.config.name, "rel_error": error}
         state = hqq_state(qt, dtype)
@@ -243,14 +251,12 @@ def export_hf_hqq(
     finish_transformers_dir(out, writer)
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
-    quantized = set(settings)
-    skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     config["quantization_config"] = {
         "quant_method": "hqq",
         "quant_config": hqq_quant_config(settings),
-        "skip_modules": skip,
+        "skip_modules": unquantized_linear(model),
     }
-    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    config["torch_dtype"] = config["dtype"] = config_dtype_name(dtype)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     if factors:
         write_peft_adapter(out / "adapter", factors, str(final))

@@ -46,6 +46,17 @@ def start_transformers_dir(model: nn.Module, src: Path, out: Path, dtype: torch.
     return writer
 
 
+def unquantized_linear(model: nn.Module) -> list[str]:
+    """The model's nn.Linear layers left unquantized (a runtime's skip list)."""
+    quantized = set(quantized_layers(model))
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+
+
+def config_dtype_name(dtype: torch.dtype) -> str:
+    """config.json's name of `dtype` ("bfloat16", "float16", "float32")."""
+    return str(dtype).removeprefix("torch.")
+
+
 def finish_transformers_dir(out: Path, writer: ShardWriter) -> None:
     """Write the last shard and the shard index."""
     writer.flush()

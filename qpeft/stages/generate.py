@@ -81,8 +81,9 @@ def prompt_ids(tokenizer, r: GenerateRequest):
     turns = ([{"role": "system", "content": r.system}] if r.system is not None else []) + [
         {"role": "user", "content": r.prompt}
     ]
-    ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_tensors="pt")
-    return ids if not isinstance(ids, dict) and not hasattr(ids, "input_ids") else ids["input_ids"]
+    return tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
 
 
 def run_generate(request: GenerateRequest, stream: Callable[[str], None] | None = None) -> Generated:
