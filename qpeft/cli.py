@@ -196,23 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         parents=[common],
         help="write a checkpoint for transformers + bitsandbytes + peft (hf-bnb), transformers + HQQ + peft "
-        "(hf-hqq), merged, or as a peft adapter",
+        "(hf-hqq), llama.cpp (gguf), merged, or as a peft adapter",
     )
     exp.add_argument("checkpoint", type=Path, help="a qpeft checkpoint directory")
-    exp.add_argument("--to", required=True, choices=["hf-bnb", "hf-hqq", "merged", "peft"], help="export format")
+    exp.add_argument(
+        "--to", required=True, choices=["hf-bnb", "hf-hqq", "gguf", "merged", "peft"], help="export format"
+    )
     exp.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
     exp.add_argument("--rank", type=int, default=None, help="compress adapters to this rank (LoRA-form exports)")
     exp.add_argument(
         "--requantize",
         action="store_true",
-        help="re-quantize the matrices the format cannot hold as they are (hf-bnb: to NF4; hf-hqq: to the nearest "
-        "integer config of at most their bits); each one's error is reported",
+        help="re-quantize the matrices the format cannot hold as they are (hf-bnb: to NF4; hf-hqq, gguf: to the "
+        "nearest integer / block format of at most their bits); each one's error is reported",
     )
     exp.add_argument(
         "--dtype",
         choices=["bf16", "fp16", "fp32"],
         default=None,
-        help="merged weights / compute dtype (default: fp16 for hf-hqq, whose fp16 scales it keeps exact; else bf16)",
+        help="merged weights / compute dtype (default: fp16 for hf-hqq, whose fp16 scales it keeps exact; for gguf "
+        "the unquantized tensors as stored; else bf16)",
     )
 
     gen = sub.add_parser(
@@ -402,7 +405,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     from qpeft.stages.export import ExportRequest, run_export
 
     report = run_export(_request(ExportRequest, args))
-    target = {"hf-bnb": "re-quantized to NF4", "hf-hqq": "re-quantized to an integer config"}.get(args.to)
+    target = {
+        "hf-bnb": "re-quantized to NF4",
+        "hf-hqq": "re-quantized to an integer config",
+        "gguf": "re-quantized to a GGUF block format",
+    }.get(args.to)
     for key, label in (("requantized_rel_error", target), ("adapter_rel_error", "adapter as LoRA")):
         errors = report.get(key) or {}
         changed = {k: v for k, v in errors.items() if v > 0}
@@ -412,6 +419,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     if "hqq_bits_per_param" in report:
         print(f"HQQ layers store {report['hqq_bits_per_param']:.4f} bits per parameter (codes, fp16 scale and zero)")
+    if "gguf_bits_per_param" in report:
+        print(f"GGUF block formats store {report['gguf_bits_per_param']:.4f} bits per parameter of the matrices")
     print(f"wrote {args.out} ({args.to}, {size / 2**20:.1f} MiB); per-matrix errors in {args.out / REPORT_NAME}")
 
 

@@ -11,6 +11,8 @@
 * `hf-hqq`: OUT, a transformers directory of HQQ layers holding qpeft's integer
   codes exactly (`qpeft.export.hqq`; other formats re-quantized to the nearest
   integer config, the error reported), and OUT/adapter as for hf-bnb.
+* `gguf`: OUT/model.gguf and OUT/adapter.gguf for llama.cpp, GGUF block-format
+  matrices as stored (`qpeft.export.gguf`; others re-quantized with `--requantize`).
 * `merged`: OUT, a plain transformers model with W = deq(Q) + ΔW in `--dtype`.
 * `peft`: OUT, the adapters alone as a peft LoRA directory, for a base the user holds.
 
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from qpeft.errors import QpeftError
+from qpeft.export.gguf import export_gguf, gguf_holds
 from qpeft.export.hqq import export_hf_hqq, hqq_holds
 from qpeft.export.lora import write_peft_adapter
 from qpeft.export.transformers_dir import (
@@ -140,7 +143,13 @@ def export_peft(
     return {"adapter_rel_error": adapter_errors}
 
 
-EXPORTERS = {"hf-bnb": export_hf_bnb, "hf-hqq": export_hf_hqq, "merged": export_merged, "peft": export_peft}
+EXPORTERS = {
+    "hf-bnb": export_hf_bnb,
+    "hf-hqq": export_hf_hqq,
+    "gguf": export_gguf,
+    "merged": export_merged,
+    "peft": export_peft,
+}
 
 
 def holds_exactly(to: str, config: QuantConfig, shape: tuple[int, int]) -> bool:
@@ -150,6 +159,8 @@ def holds_exactly(to: str, config: QuantConfig, shape: tuple[int, int]) -> bool:
         return config == NF4
     if to == "hf-hqq":
         return hqq_holds(config, shape)
+    if to == "gguf":
+        return gguf_holds(config, shape)
     return True
 
 
@@ -167,7 +178,9 @@ def _check_requantization(model: nn.Module, to: str, requantize: bool) -> None:
         )
 
 
-DEFAULT_DTYPES = {"hf-hqq": "fp16"}  # HQQ casts its fp16 scales and zeros to this: fp16 keeps them exact
+# hf-hqq: HQQ casts its fp16 scales and zeros to this, and fp16 keeps them exact;
+# gguf: None, the unquantized tensors as they are stored
+DEFAULT_DTYPES = {"hf-hqq": "fp16", "gguf": None}
 
 
 def export_checkpoint(
@@ -186,7 +199,7 @@ def export_checkpoint(
     manifest = read_manifest(src)
     model = load_checkpoint(src)
     _check_requantization(model, to, requantize)
-    torch_dtype = TORCH_DTYPES[dtype]
+    torch_dtype = TORCH_DTYPES[dtype] if dtype else None
     with atomic_directory(out) as tmp:
         report = EXPORTERS[to](model, manifest, src, tmp, Path(out).resolve(), rank, torch_dtype)
         config = tmp / "config.json"

@@ -46,16 +46,16 @@ import torch
 from torch import nn
 
 from qpeft.export.lora import write_peft_adapter
+from qpeft.export.requantize import nearest_requantization
 from qpeft.export.transformers_dir import (
     adapter_factors,
     config_dtype_name,
     finish_transformers_dir,
-    relative_error,
     start_transformers_dir,
     unquantized_linear,
 )
 from qpeft.modules import quantized_layers
-from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize
+from qpeft.quant import QuantConfig, QuantizedTensor
 from qpeft.quant.formats.integer import CODE_BITS, MAX_GROUP, IntConfig
 
 SMALLEST_GROUP = 8  # HQQ's BaseQuantizeConfig: group sizes are multiples of 8
@@ -184,25 +184,9 @@ def int_candidates(shape: tuple[int, int]) -> list[tuple[IntConfig, float]]:
 
 
 def requantize(qt: QuantizedTensor) -> tuple[QuantizedTensor, float]:
-    """A non-integer matrix re-quantized (round-to-nearest from its dequantized values)
-    to the integer config HQQ holds exactly that is closest to it, ‖deq(Q) − deq(Q_int)‖
-    smallest, among those storing at most its own bits per parameter (among the
-    cheapest above when none does); and that relative error."""
-    shape = (qt.shape[0], qt.shape[1])
-    own = qt.config.storage_bits(shape) / (shape[0] * shape[1])
-    candidates = int_candidates(shape)
-    below = [config for config, bits in candidates if bits <= own]
-    if not below:
-        fewest = min(bits for _, bits in candidates)
-        below = [config for config, bits in candidates if bits == fewest]
-    weight = dequantize(qt)
-    best: tuple[QuantizedTensor, float] | None = None
-    for config in below:
-        requantized = quantize(weight, config)
-        error = relative_error(weight - dequantize(requantized), weight)
-        if best is None or error < best[1]:
-            best = requantized, error
-    return best
+    """A non-integer matrix re-quantized to the nearest integer config HQQ holds
+    exactly in at most its own bits (`nearest_requantization`), and that relative error."""
+    return nearest_requantization(qt, int_candidates((qt.shape[0], qt.shape[1])))
 
 
 def hqq_quant_config(layers: dict[str, tuple[int, int]]) -> dict[str, Any]:
