@@ -11,7 +11,7 @@ STAMP := $(VENV)/.qpeft-installed
 DEMO_OUT ?= out/demo-smollm2-nf4
 DEMO_TRAIN ?= out/demo-smollm2-qlora-train
 
-.PHONY: demo test test-all lint clean hf4-env
+.PHONY: demo test test-all lint clean hf4-env llama-cpp
 
 $(STAMP): pyproject.toml Makefile
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -51,6 +51,14 @@ $(HF4)/.installed:
 	$(HF4)/bin/pip install -q torch==2.13.0
 	DISABLE_CUDA=1 $(HF4)/bin/pip install -q transformers==4.57.6 peft==0.21.2 hqq==0.2.8.post1 accelerate safetensors
 	@touch $@
+
+# llama-cpp-python 0.3.36, built from source into .venv (about 4-6 min on 2 cores):
+# llama.cpp itself, to load `--to gguf` exports. Built portably: a native build on a
+# CPU with AMX segfaulted in llama_decode (docs/FORMAT.md).
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q llama-cpp-python==0.3.36
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check qpeft tests tools

@@ -189,14 +189,18 @@ def _gpt2_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def pre_tokenizer_name(tokenizer) -> str:
-    """llama.cpp's name of a BPE tokenizer's pre-tokenizer (`PRE_TOKENIZERS`)."""
+def pre_tokenizer_name(tokenizer, pre: dict[str, Any]) -> str:
+    """llama.cpp's name of a BPE tokenizer's pre-tokenizer: by `PRE_TOKENIZERS`, or
+    "gpt-2" for tokenizer.json's plain byte-level pre-tokenizer with GPT-2's split
+    pattern (`pre`, its `pre_tokenizer`), whatever the vocabulary."""
     digest = hashlib.sha256(str(tokenizer.encode(CHECK_TEXT, add_special_tokens=False)).encode()).hexdigest()
     # llama.cpp hashes the ids with the tokenizer's special tokens; without them too
     with_special = hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
     for key in (with_special, digest):
         if key in PRE_TOKENIZERS:
             return PRE_TOKENIZERS[key]
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
     raise QpeftError(
         f"--to gguf does not know this tokenizer's pre-tokenizer (sha256 {with_special} of llama.cpp's check "
         f"text; known: {', '.join(sorted(set(PRE_TOKENIZERS.values())))})"
@@ -226,10 +230,10 @@ def write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     elif model.get("type") == "BPE" and (spec.get("decoder") or {}).get("type") == "ByteLevel":
         tokens, types = _gpt2_vocab(tokenizer, vocab_size)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
+        pre = spec.get("pre_tokenizer") or {}
+        writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer, pre))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        pre = spec.get("pre_tokenizer") or {}
         if "add_prefix_space" in pre:
             writer.add_add_space_prefix(bool(pre["add_prefix_space"]))
         special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))

@@ -1,0 +1,110 @@
+"""`qpeft export --to gguf`: model.gguf and adapter.gguf read back with gguf-py (no
+llama.cpp needed): block-format matrices bit-exact in llama.cpp's row order, the
+hyperparameters and tokenizer, the LoRA factors, and the errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qpeft.export.formats import export_checkpoint
+from qpeft.export.gguf import head_permutation
+from qpeft.models.loading import load_checkpoint
+from qpeft.modules import quantized_layers
+from qpeft.training.model import save_with_random_lora
+from tests.conftest import assert_one_line_error, run
+
+gguf = pytest.importorskip("gguf")
+GGUF_MIX = "q4_0,q4_1,q5_0,q5_1,q8_0"
+
+
+@pytest.fixture(scope="module")
+def gguf_checkpoint(tmp_path_factory) -> Path:
+    """The tiny LLaMA as an ILP mixture of GGUF's block formats, with rank-4 LoRAs."""
+    from qpeft.cli import main
+    from tests.conftest import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("gguf")
+    source = make_tiny_llama(root / "model")
+    argv = ["decompose", source, "--out", root / "q", "--budget", "5.2", "--rank", "0", "--no-fisher"]
+    assert main([str(a) for a in [*argv, "--rounding", "nearest", "--configs", GGUF_MIX]]) == 0
+    return save_with_random_lora(root / "q", root / "trained", 4, 8.0, std=0.05)
+
+
+def _llama_rows(name: str, rows: int, config: dict) -> torch.Tensor | None:
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    if name.endswith("q_proj"):
+        return head_permutation(rows, config["num_attention_heads"])
+    if name.endswith("k_proj"):
+        return head_permutation(rows, rows // head_dim)
+    return None
+
+
+def test_model_and_adapter_gguf_hold_the_checkpoint_exactly(gguf_checkpoint, tmp_path):
+    from gguf.quants import dequantize
+
+    ours = load_checkpoint(gguf_checkpoint)
+    layers = quantized_layers(ours)
+    assert len({layer.config.name for layer in layers.values()}) > 1  # a mixture
+    report = export_checkpoint(gguf_checkpoint, "gguf", tmp_path / "out")
+    assert report["requantized"] == {}
+    config = json.loads((gguf_checkpoint / "config.json").read_text())
+    model = gguf.GGUFReader(str(tmp_path / "out" / "model.gguf"))
+    fields = {k: f.contents() for k, f in model.fields.items()}
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
+    assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.embedding_length"] == 64
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_checkpoint)
+    vocab = {i: t for t, i in tokenizer.get_vocab().items()}
+    assert fields["tokenizer.ggml.tokens"] == [vocab[i] for i in range(len(vocab))]
+    assert fields["tokenizer.ggml.bos_token_id"] == 0 and fields["tokenizer.ggml.eos_token_id"] == 1
+    tensors = {t.name: t for t in model.tensors}
+    adapter = gguf.GGUFReader(str(tmp_path / "out" / "adapter.gguf"))
+    lora = {t.name: np.asarray(t.data) for t in adapter.tensors}
+    assert {k: f.contents() for k, f in adapter.fields.items()}["adapter.lora.alpha"] == 4.0
+    for name, layer in layers.items():
+        i, kind = name.split(".")[2], name.split(".")[-1]
+        short = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+        base = f"blk.{i}.{short.get(kind, 'ffn_' + kind.removesuffix('_proj'))}"
+        t = tensors[f"{base}.weight"]
+        assert t.tensor_type.name.lower() == layer.config.name
+        weight = layer.dequantized_weight()
+        delta = layer.adapter.delta_weight(torch.float32).detach()
+        order = _llama_rows(kind, weight.shape[0], config)
+        if order is not None:
+            weight, delta = weight[order], delta[order]
+        theirs = dequantize(t.data, t.tensor_type).reshape(weight.shape)
+        assert torch.equal(torch.from_numpy(theirs.copy()), weight), name  # bit for bit
+        ba = torch.from_numpy(lora[f"{base}.weight.lora_b"] @ lora[f"{base}.weight.lora_a"])
+        torch.testing.assert_close(ba, delta, rtol=1e-5, atol=1e-6)
+
+
+def test_non_gguf_formats_need_requantize(tiny_model_dir, tmp_path, capsys):
+    from qpeft.cli import main
+
+    assert main(["quantize", str(tiny_model_dir), "--config", "nf4", "--out", str(tmp_path / "nf4")]) == 0
+    code, _, err = run(capsys, "export", tmp_path / "nf4", "--to", "gguf", "--out", tmp_path / "x")
+    assert_one_line_error(code, err, "gguf cannot hold")
+    assert not (tmp_path / "x").exists()
+    report = export_checkpoint(tmp_path / "nf4", "gguf", tmp_path / "y", requantize=True)
+    assert report["requantized"] and all(r["to"] in GGUF_MIX.split(",") for r in report["requantized"].values())
+    assert all(0 < e < 0.2 for e in report["requantized_rel_error"].values())
+
+
+def test_other_architectures_are_a_one_line_error(gguf_checkpoint, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "ck"
+    shutil.copytree(gguf_checkpoint, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    from qpeft.export.gguf import _hparams
+
+    with pytest.raises(Exception, match="llama-architecture models"):
+        _hparams(json.loads((copy / "config.json").read_text()))
