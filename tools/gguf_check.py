@@ -1,0 +1,102 @@
+"""Does llama.cpp run a `qpeft export --to gguf` export as the model qpeft trained?
+
+For each qpeft checkpoint given: export it (`--to gguf`), load model.gguf with
+adapter.gguf in llama.cpp (llama-cpp-python, `make llama-cpp`; F32 KV cache, no
+flash attention), and compare on the same token ids with qpeft's own fp32 forward:
+the relative logit difference ‖z_llama − z_qpeft‖ / ‖z_qpeft‖ on a fixed prompt, and
+the perplexity of each on the first N windows of WikiText-2 test (qpeft's windows,
+its tokenizer's ids). llama.cpp's quantized dot products round the activations to
+8 bits per block of 32, so the logits differ by a few percent even for the source
+GGUF; the perplexities show whether that matters.
+
+    python tools/gguf_check.py CKPT [CKPT ...] [--windows 4] [--seqlen 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qpeft.eval.perplexity import load_eval_text, perplexity, tokenize
+from qpeft.export.formats import export_checkpoint
+from qpeft.export.gguf import ADAPTER_FILE, MODEL_FILE
+from qpeft.models.loading import load_checkpoint
+
+PROMPT = "The capital of France is"
+
+
+def llama_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def llama_perplexity(llm, token_ids: torch.Tensor, seqlen: int, windows: int) -> float:
+    nll = count = 0.0
+    for i in range(windows):
+        ids = token_ids[i * seqlen : (i + 1) * seqlen].tolist()
+        z = torch.from_numpy(llama_logits(llm, ids)[:-1])
+        nll += torch.nn.functional.cross_entropy(z, torch.tensor(ids[1:]), reduction="sum").item()
+        count += seqlen - 1
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+", type=Path)
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    args = parser.parse_args()
+    rows = []
+    for ckpt in args.checkpoints:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+        token_ids = tokenize(tokenizer, load_eval_text("wikitext2"))
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "gguf"
+            report = export_checkpoint(ckpt, "gguf", out)
+            adapter = out / ADAPTER_FILE
+            llm = Llama(
+                model_path=str(out / MODEL_FILE),
+                **({"lora_path": str(adapter)} if adapter.is_file() else {}),
+                n_ctx=args.seqlen,
+                n_batch=args.seqlen,
+                logits_all=True,
+                type_k=0,  # F32 KV cache
+                type_v=0,
+                flash_attn=False,
+                n_threads=2,
+                verbose=False,
+            )
+            size = (out / MODEL_FILE).stat().st_size + (adapter.stat().st_size if adapter.is_file() else 0)
+            assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == prompt, "tokenizers disagree"
+            z_llama = llama_logits(llm, prompt)
+            ppl_llama = llama_perplexity(llm, token_ids, args.seqlen, args.windows)
+            llm.close()
+        model = load_checkpoint(ckpt).eval()
+        with torch.no_grad():
+            z_qpeft = model(torch.tensor([prompt])).logits[0].numpy()
+        ppl_qpeft = perplexity(model, token_ids, args.seqlen, args.windows, progress=False).ppl
+        rel = float(np.linalg.norm(z_llama - z_qpeft) / np.linalg.norm(z_qpeft))
+        same_top = bool((z_llama.argmax(1) == z_qpeft.argmax(1)).all())
+        rows.append((ckpt.name, report["gguf_bits_per_param"], size / 2**20, rel, same_top, ppl_qpeft, ppl_llama))
+    print(f"windows: {args.windows} × {args.seqlen} of WikiText-2 test")
+    print(
+        "| checkpoint | GGUF bits/param (matrices) | files MiB | rel. Δlogit | same top-1 "
+        "| ppl qpeft | ppl llama.cpp | ratio |"
+    )
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    for name, bits, mib, rel, top, pq, pl in rows:
+        print(f"| {name} | {bits:.4f} | {mib:.1f} | {rel:.4f} | {top} | {pq:.3f} | {pl:.3f} | {pl / pq:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
