@@ -127,8 +127,9 @@ def test_a_failed_export_leaves_no_directory(lora_checkpoint, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         export_checkpoint(lora_checkpoint, "merged", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(QpeftError, match="unknown export format 'gguf'"):
-        export_checkpoint(lora_checkpoint, "gguf", tmp_path / "out")
+    with pytest.raises(QpeftError, match=r"^unknown export format 'onnx' \(choose from merged, .*gguf"):
+        export_checkpoint(lora_checkpoint, "onnx", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_saved_checkpoint_reloads_to_identical_logits(lora_checkpoint, tmp_path):
