@@ -64,7 +64,9 @@ def make_tokenizer(vocab_size: int = 384):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def make_tiny_llama(path: Path, seed: int = 0, tie: bool = True, poison: str | None = None) -> Path:
+def make_tiny_llama(
+    path: Path, seed: int = 0, tie: bool = True, poison: str | None = None, intermediate_size: int = 128
+) -> Path:
     """A 2-layer LLaMA (hidden 64) with random weights; `poison` puts a NaN in that tensor."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -72,7 +74,7 @@ def make_tiny_llama(path: Path, seed: int = 0, tie: bool = True, poison: str | N
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
-        intermediate_size=128,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -93,7 +93,9 @@ def test_non_gguf_formats_need_requantize(tiny_model_dir, tmp_path, capsys):
     assert_one_line_error(code, err, "gguf cannot hold")
     assert not (tmp_path / "x").exists()
     report = export_checkpoint(tmp_path / "nf4", "gguf", tmp_path / "y", requantize=True)
-    assert report["requantized"] and all(r["to"] in GGUF_MIX.split(",") for r in report["requantized"].values())
+    # nf4's 4.127 bits: no block format this narrow model takes is as cheap; the
+    # cheapest (4.5 bits) of least error is iq4_nl, its levels nf4-like
+    assert report["requantized"] and {r["to"] for r in report["requantized"].values()} == {"iq4_nl"}
     assert all(0 < e < 0.2 for e in report["requantized_rel_error"].values())
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from qpeft.calibration.activations import InputGrams
@@ -148,6 +149,14 @@ class SharedCounter:
         return value
 
 
+def _row_costs(method: Method, name: str, w: torch.Tensor, grid: Sequence[QuantConfig], rank: int) -> np.ndarray:
+    """One matrix's costs at one rank; inf for the configs its shape cannot take."""
+    held = [j for j, config in enumerate(grid) if config.holds(tuple(w.shape))]
+    costs = np.full(len(grid), np.inf)
+    costs[held] = method.costs(name, w, [grid[j] for j in held], rank)
+    return costs
+
+
 def compute_cost_table(
     model_dir: Path,
     names: Sequence[str],
@@ -184,7 +193,7 @@ def compute_cost_table(
         while (index := counter.next()) < len(todo):
             name = todo[index]
             w = weights.tensor(f"{name}.weight").to(device).float()
-            costs = np.concatenate([method.costs(name, w, grid, rank) for rank in settings.ranks])
+            costs = np.concatenate([_row_costs(method, name, w, grid, rank) for rank in settings.ranks])
             out.write(json.dumps({"name": name, "shape": list(w.shape), "costs": costs.tolist()}) + "\n")
             out.flush()
             os.fsync(out.fileno())
@@ -258,11 +267,12 @@ def storage_bits_table(
 ) -> np.ndarray:
     """Exact stored bits per parameter of every cost-table column, matrices × (ranks ·
     configs): Q's (padding and offsets included), plus with `adapter_bits` (the
-    method's, `MethodPlugin.adapter_bits`) the adapter's at the column's rank."""
+    method's, `MethodPlugin.adapter_bits`) the adapter's at the column's rank; inf
+    where the matrix cannot take the config (`QuantConfig.holds`)."""
     rows = []
     for shape in shapes:
         numel = shape[0] * shape[1]
-        q_bits = np.array([storage_bits(c, shape) for c in grid], dtype=np.float64)
+        q_bits = np.array([storage_bits(c, shape) if c.holds(shape) else np.inf for c in grid], dtype=np.float64)
         extra = [0 if adapter_bits is None else adapter_bits(rank, shape) for rank in ranks]
         rows.append(np.concatenate([(q_bits + bits) / numel for bits in extra]))
     return np.array(rows)

@@ -146,7 +146,8 @@ def check_budget(
     ("total budget", "(config, rank) pairs")."""
     numel_arr = np.asarray(numel, dtype=np.float64)
     lowest = float((bits.min(axis=1) * numel_arr).sum() / numel_arr.sum())
-    highest = float((bits.max(axis=1) * numel_arr).sum() / numel_arr.sum())
+    costliest = np.where(np.isfinite(bits), bits, -np.inf).max(axis=1)  # inf: a config the matrix cannot take
+    highest = float((costliest * numel_arr).sum() / numel_arr.sum())
     if budget < lowest - 1e-12:
         raise QpeftError(
             f"{name} {budget:g} bits/param is infeasible: the {choices} allow averages from {lowest:.4f} to "
@@ -181,7 +182,8 @@ def ilp_allocate(
     check_budget(budget, bits_arr, numel_arr)
     fronts = [pareto_configs(costs[i], bits_arr[i]) for i in range(numel_arr.size)]
     # normalise costs so CBC's tolerances mean the same thing at every model scale
-    scale = max(float(np.abs(costs).max()), 1e-300)
+    finite = np.abs(costs[np.isfinite(costs)])
+    scale = max(float(finite.max()) if finite.size else 0.0, 1e-300)
     problem = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
     x = {(i, j): pulp.LpVariable(f"x_{i}_{j}", cat="Binary") for i, front in enumerate(fronts) for j in front}
     problem += pulp.lpSum(costs[i, j] / scale * var for (i, j), var in x.items())

@@ -49,7 +49,8 @@ from qpeft.export.transformers_dir import adapter_factors
 from qpeft.models.weights import unshared_state
 from qpeft.modules import quantized_layers
 from qpeft.quant import QuantConfig, QuantizedTensor
-from qpeft.quant.formats.ggml import BLOCK, KINDS, GGMLConfig
+from qpeft.quant.formats import GRIDS
+from qpeft.quant.formats.ggml import BLOCK, GGUFBlockConfig
 
 MODEL_FILE, ADAPTER_FILE = "model.gguf", "adapter.gguf"
 MODEL_TYPES = ("llama", "mistral")  # transformers' model types of llama.cpp's `llama` architecture
@@ -71,7 +72,7 @@ PRE_TOKENIZERS = {
 }
 
 
-def ggml_type(config: GGMLConfig):
+def ggml_type(config: GGUFBlockConfig):
     """gguf-py's GGMLQuantizationType of a block format."""
     from gguf import GGMLQuantizationType
 
@@ -80,14 +81,12 @@ def ggml_type(config: GGMLConfig):
 
 def gguf_holds(config: QuantConfig, shape: tuple[int, int]) -> bool:
     """Whether model.gguf stores a matrix of `config` exactly (a GGUF block format)."""
-    return isinstance(config, GGMLConfig)
+    return isinstance(config, GGUFBlockConfig)
 
 
-def ggml_candidates(shape: tuple[int, int]) -> list[tuple[GGMLConfig, float]]:
+def ggml_candidates(shape: tuple[int, int]) -> list[tuple[GGUFBlockConfig, float]]:
     """The block formats a matrix of `shape` can take, with their bits per parameter."""
-    if shape[1] % BLOCK:
-        return []
-    return [(c, c.bits_per_param) for c in (GGMLConfig.parse(kind) for kind in KINDS)]
+    return [(c, c.bits_per_param) for c in GRIDS["gguf"] if c.holds(shape)]
 
 
 def head_permutation(rows: int, heads: int) -> torch.Tensor:

@@ -105,6 +105,11 @@ class QuantConfig(ABC):
     def storage_bits(self, shape: Shape) -> int:
         """Exact bits stored for a matrix of `shape`, padding included."""
 
+    def holds(self, shape: Shape) -> bool:
+        """Whether a matrix of `shape` can take this config (block formats need rows
+        that their blocks divide); the allocation leaves the others out."""
+        return True
+
     @abstractmethod
     def quantize(self, weight: torch.Tensor, chunk: int, name: str) -> QuantizedTensor: ...
 

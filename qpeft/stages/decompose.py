@@ -126,6 +126,11 @@ def plan_matrices(
     names, numel = list(shapes), [rows * cols for rows, cols in shapes.values()]
     if budget is None and len(grid) != 1:
         raise QpeftError("give a bit budget, or a single config")
+    for name, shape in shapes.items():
+        if not any(config.holds(shape) for config in grid):
+            if len(grid) == 1:
+                grid[0].storage_bits(shape)  # the format's own error
+            raise QpeftError(f"no config of the grid can hold {name} ({shape[0]}×{shape[1]})")
     total = budget is not None and budget.total
     bits = storage_bits_table(grid, list(shapes.values()), ranks, adapter_bits if total else None)
     if budget is not None:

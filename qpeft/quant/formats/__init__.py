@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from qpeft.errors import QpeftError
 from qpeft.quant.config import QuantConfig
-from qpeft.quant.formats.ggml import GGMLConfig
+from qpeft.quant.formats.ggml import GGMLConfig, GGUFBlockConfig, IQ4NLConfig
 from qpeft.quant.formats.integer import IntConfig
+from qpeft.quant.formats.kquants import KQuantConfig
 from qpeft.quant.formats.normalfloat import NFConfig
 
-FORMATS: tuple[type[QuantConfig], ...] = (NFConfig, IntConfig, GGMLConfig)
+FORMATS: tuple[type[QuantConfig], ...] = (NFConfig, IntConfig, GGMLConfig, IQ4NLConfig, KQuantConfig)
 
 PRESETS: dict[str, QuantConfig] = {name: config for fmt in FORMATS for name, config in fmt.presets.items()}
 GRIDS: dict[str, list[QuantConfig]] = {name: grid for fmt in FORMATS for name, grid in fmt.grids.items()}
+# every GGUF block format; a matrix takes those whose block its rows divide into
+GRIDS["gguf"] = [fmt.of_kind(kind) for fmt in FORMATS if issubclass(fmt, GGUFBlockConfig) for kind in fmt.kinds]
 
 
 def parse_config(text: str) -> QuantConfig:
