@@ -65,15 +65,20 @@ def make_tokenizer(vocab_size: int = 384):
 
 
 def make_tiny_llama(
-    path: Path, seed: int = 0, tie: bool = True, poison: str | None = None, intermediate_size: int = 128
+    path: Path,
+    seed: int = 0,
+    tie: bool = True,
+    poison: str | None = None,
+    intermediate_size: int = 128,
+    hidden_size: int = 64,
 ) -> Path:
-    """A 2-layer LLaMA (hidden 64) with random weights; `poison` puts a NaN in that tensor."""
+    """A 2-layer LLaMA (hidden 64, 4 heads) with random weights; `poison` puts a NaN in that tensor."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
+        hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,

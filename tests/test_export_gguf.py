@@ -13,6 +13,7 @@ import torch
 
 from qpeft.export.formats import export_checkpoint
 from qpeft.export.gguf import head_permutation
+from qpeft.io.checkpoint import read_manifest
 from qpeft.models.loading import load_checkpoint
 from qpeft.modules import quantized_layers
 from qpeft.training.model import save_with_random_lora
@@ -110,3 +111,40 @@ def test_other_architectures_are_a_one_line_error(gguf_checkpoint, tmp_path, cap
 
     with pytest.raises(Exception, match="llama-architecture models"):
         _hparams(json.loads((copy / "config.json").read_text()))
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_export_with_its_adapter(tmp_path):
+    """llama.cpp itself (llama-cpp-python, `make llama-cpp`) loads model.gguf, k-quants
+    included, with adapter.gguf: its logits are qpeft's within its 8-bit activation
+    rounding, and the adapter's effect is many times that difference."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from qpeft.cli import main
+    from tests.conftest import make_tiny_llama
+
+    source = make_tiny_llama(tmp_path / "model", hidden_size=256, intermediate_size=512)
+    argv = ["decompose", source, "--out", tmp_path / "q", "--budget", "4.5", "--rank", "0", "--no-fisher"]
+    assert main([str(a) for a in [*argv, "--rounding", "nearest", "--configs", "gguf"]]) == 0
+    configs = {e["config"] for e in read_manifest(tmp_path / "q")["quantized"].values()}
+    assert configs & {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}, configs
+    trained = save_with_random_lora(tmp_path / "q", tmp_path / "trained", 8, 16.0, std=0.05)
+    export_checkpoint(trained, "gguf", tmp_path / "out")
+    ids = torch.randint(2, 200, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def llama_logits(**kwargs) -> np.ndarray:
+        llm = llama_cpp.Llama(
+            model_path=str(tmp_path / "out" / "model.gguf"), n_ctx=64, n_batch=64, logits_all=True,
+            type_k=0, type_v=0, flash_attn=False, n_threads=2, verbose=False, **kwargs,
+        )  # fmt: skip
+        llm.eval(ids)
+        z = np.array(llm.scores[: len(ids)], dtype=np.float32)
+        llm.close()
+        return z
+
+    with_adapter = llama_logits(lora_path=str(tmp_path / "out" / "adapter.gguf"))
+    without = llama_logits()
+    with torch.no_grad():
+        ours = load_checkpoint(trained).eval()(torch.tensor([ids])).logits[0].numpy()
+    difference = np.linalg.norm(with_adapter - ours)
+    assert difference / np.linalg.norm(ours) < 0.05
+    assert np.linalg.norm(with_adapter - without) > 5 * difference

@@ -10,6 +10,14 @@ its tokenizer's ids). llama.cpp's quantized dot products round the activations t
 GGUF; the perplexities show whether that matters.
 
     python tools/gguf_check.py CKPT [CKPT ...] [--windows 4] [--seqlen 2048]
+    python tools/gguf_check.py --wide DIR [--windows 1] [--seqlen 512]
+
+`--wide DIR` first builds, under DIR, a 2-layer LLaMA of LLaMA-2-7B's widths (hidden
+4096, intermediate 11008, 32 heads; SmolLM2's tokenizer, tied embeddings, random
+weights), allocates its 14 matrices over the k-quants q2_k … q6_k at a 4-bit budget
+(`qpeft decompose`, round-to-nearest) and adds a rank-8 LoRA of random non-zero
+factors; that checkpoint is checked with the others. Its perplexity is that of a
+random model (about the vocabulary size): only the ratio means something.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from qpeft.eval.perplexity import load_eval_text, perplexity, tokenize
 from qpeft.export.formats import export_checkpoint
 from qpeft.export.gguf import ADAPTER_FILE, MODEL_FILE
 from qpeft.models.loading import load_checkpoint
+from qpeft.models.resolve import resolve_model
+from qpeft.training.model import save_with_random_lora
 
 PROMPT = "The capital of France is"
 
@@ -46,17 +56,46 @@ def llama_perplexity(llm, token_ids: torch.Tensor, seqlen: int, windows: int) ->
     return math.exp(nll / count)
 
 
+def make_wide_checkpoint(root: Path) -> Path:
+    """The k-quant checkpoint of a 2-layer LLaMA-2-7B-width random model (see above)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qpeft.cli import main as qpeft_main
+
+    checkpoint = root / "wide-kquants-lora"
+    if checkpoint.is_dir():
+        return checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, torch_dtype="bfloat16",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(root / "wide-base")
+    tokenizer.save_pretrained(root / "wide-base")
+    argv = ["decompose", str(root / "wide-base"), "--out", str(root / "wide-kquants"), "--budget", "4",
+            "--configs", "q2_k,q3_k,q4_k,q5_k,q6_k", "--rank", "0", "--no-fisher", "--rounding", "nearest"]  # fmt: skip
+    if qpeft_main(argv) != 0:
+        raise SystemExit("qpeft decompose failed")
+    return save_with_random_lora(root / "wide-kquants", checkpoint, 8, 16.0, std=0.01)
+
+
 def main() -> None:
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", nargs="+", type=Path)
+    parser.add_argument("checkpoints", nargs="*", type=Path)
+    parser.add_argument("--wide", type=Path, default=None, help="build and check the wide k-quant model here")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=2048)
     args = parser.parse_args()
+    checkpoints = list(args.checkpoints) + ([make_wide_checkpoint(args.wide)] if args.wide else [])
+    if not checkpoints:
+        parser.error("give checkpoints, --wide DIR or both")
     rows = []
-    for ckpt in args.checkpoints:
+    for ckpt in checkpoints:
         tokenizer = AutoTokenizer.from_pretrained(ckpt)
         prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
         token_ids = tokenize(tokenizer, load_eval_text("wikitext2"))

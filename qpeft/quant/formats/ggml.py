@@ -38,6 +38,7 @@ from typing import ClassVar
 import torch
 
 from qpeft.errors import QpeftError
+from qpeft.quant.codebooks import nearest_level
 from qpeft.quant.config import DEFAULT_CHUNK, QuantConfig, Shape, matrix_shape
 from qpeft.quant.tensor import QuantizedTensor
 
@@ -376,18 +377,17 @@ class IQ4NLConfig(GGUFBlockConfig):
         return BLOCK
 
     @staticmethod
-    def _table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        levels = torch.tensor(IQ4_NL_LEVELS, dtype=torch.float32, device=device)
-        return levels, (levels[1:] + levels[:-1]) / 2
+    def _table(device: torch.device) -> torch.Tensor:
+        return torch.tensor(IQ4_NL_LEVELS, dtype=torch.float32, device=device)
 
     def codes(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        _, midpoints = self._table(x.device)
+        levels = self._table(x.device)
         safe = torch.where(a == 0, torch.ones_like(a), a)
-        q = torch.bucketize((x / safe).contiguous(), midpoints).float()
+        q = nearest_level(x / safe, levels).float()
         return torch.where(a == 0, torch.full_like(q, 8.0), q)  # K[8] = 1: 0 · 1 = 0
 
     def values(self, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        levels, _ = self._table(q.device)
+        levels = self._table(q.device)
         return a * levels[q.long()]
 
     def effective(self, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,7 +407,7 @@ class IQ4NLConfig(GGUFBlockConfig):
         ends = (IQ4_NL_LEVELS[0], IQ4_NL_LEVELS[-1])
         candidates = [((extreme * f / end).half(),) for f in RANGE_FRACTIONS for end in ends]
         (d,) = _least_error(candidates, error)
-        levels, _ = self._table(x.device)
+        levels = self._table(x.device)
         k = levels[self.codes(x, d.float(), d.float()).long()]
         fitted = (x * k).sum(dim=1, keepdim=True) / k.square().sum(dim=1, keepdim=True)
         return _least_error([(d,), (fitted.half(),)], error)
