@@ -96,6 +96,11 @@ ROWS: list[BadInput] = [
         "model not found: /nonexistent/model (give a model directory, a .gguf file, or 'smollm2')",
     ),
     _row("unknown config", "quantize {tiny} --config nf5 --out {tmp}/o", "unknown quantization config 'nf5'…"),
+    _row(
+        "GGUF block format on rows it cannot take",
+        "quantize {tiny} --config q4_k --out {tmp}/o",
+        "q4_k needs rows whose length divides by 256, got 64",
+    ),
     _row("existing output", "quantize {tiny} --out {tmp}/existing", "output directory already exists: {tmp}/existing"),
     _row(
         "directory that is no model",
@@ -371,6 +376,12 @@ ROWS: list[BadInput] = [
         "the checkpoint has no adapters to export",
     ),
     _row("export --rank 0", "export {ckpt} --to merged --rank 0 --out {tmp}/o", "--rank must be positive, got 0"),
+    _row(
+        "export to a format that cannot hold the configs",
+        "export {ckpt} --to gguf --out {tmp}/o",
+        "gguf cannot hold 14 of the checkpoint's matrices as they are (e.g. model.layers.0.self_attn.q_proj, "
+        "nf4-b64-s8x256-fp32): pass --requantize to re-quantize them (each one's error is reported)",
+    ),
     # train
     _row(
         "train into a user's directory",
