@@ -99,7 +99,7 @@ ROWS: list[BadInput] = [
     _row(
         "GGUF block format on rows it cannot take",
         "quantize {tiny} --config q4_k --out {tmp}/o",
-        "q4_k needs rows whose length divides by 256, got 64",
+        "model.layers.0.self_attn.q_proj (64×64): q4_k needs rows whose length divides by 256, got 64",
     ),
     _row("existing output", "quantize {tiny} --out {tmp}/existing", "output directory already exists: {tmp}/existing"),
     _row(

@@ -127,7 +127,8 @@ def test_a_failed_export_leaves_no_directory(lora_checkpoint, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         export_checkpoint(lora_checkpoint, "merged", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(QpeftError, match=r"^unknown export format 'onnx' \(choose from hf-bnb, hf-hqq, gguf, merged, peft\)$"):
+    expected = r"^unknown export format 'onnx' \(choose from hf-bnb, hf-hqq, gguf, merged, peft\)$"
+    with pytest.raises(QpeftError, match=expected):
         export_checkpoint(lora_checkpoint, "onnx", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 

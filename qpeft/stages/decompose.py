@@ -57,7 +57,7 @@ from qpeft.models.skeleton import stored_linear
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.quant import QuantConfig, dequantize, storage_bits
 from qpeft.stages.calibrate import CalibrationOptions
-from qpeft.stages.checks import check_device
+from qpeft.stages.checks import check_config_holds, check_device
 
 AdapterBits = Callable[[int, tuple[int, int]], int]  # a method's `MethodPlugin.adapter_bits`
 
@@ -126,10 +126,10 @@ def plan_matrices(
     names, numel = list(shapes), [rows * cols for rows, cols in shapes.values()]
     if budget is None and len(grid) != 1:
         raise QpeftError("give a bit budget, or a single config")
+    if len(grid) == 1:
+        check_config_holds(grid[0], shapes)
     for name, shape in shapes.items():
         if not any(config.holds(shape) for config in grid):
-            if len(grid) == 1:
-                grid[0].storage_bits(shape)  # the format's own error
             raise QpeftError(f"no config of the grid can hold {name} ({shape[0]}×{shape[1]})")
     total = budget is not None and budget.total
     bits = storage_bits_table(grid, list(shapes.values()), ranks, adapter_bits if total else None)

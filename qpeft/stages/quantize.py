@@ -25,7 +25,7 @@ from qpeft.models.selection import DEFAULT_TARGETS
 from qpeft.models.skeleton import stored_linear
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.quant import QuantConfig, bits_per_param, dequantize, quantize, storage_bits
-from qpeft.stages.checks import check_device
+from qpeft.stages.checks import check_config_holds, check_device
 
 
 def _quantize_matrix(weight: torch.Tensor, config: QuantConfig, key: str, writer: ShardWriter) -> dict[str, Any]:
@@ -60,7 +60,9 @@ def quantize_model(
     manifest."""
     start = time.perf_counter()
     weights = SafetensorsWeights(model_dir)
-    selected = {f"{name}.weight": name for name in stored_linear(model_dir, weights, targets)}
+    shapes = stored_linear(model_dir, weights, targets)
+    check_config_holds(config, shapes)
+    selected = {f"{name}.weight": name for name in shapes}
     with atomic_directory(out_dir) as tmp:
         copy_model_files(model_dir, tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
