@@ -64,6 +64,30 @@ def make_tokenizer(vocab_size: int = 384):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
+def make_byte_fallback_tokenizer(vocab_size: int = 640):
+    """A LLaMA-2-style tokenizer: BPE over "▁"-joined words with byte fallback to the
+    256 <0xXX> pieces (ids 3…258 after <s>, </s>, <unk>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    text = dataset_path("wikitext2", "valid").read_text(encoding="utf-8")[:200_000]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    # trained on words, so that pieces start at a "▁" as SentencePiece's do; run unsplit, as LLaMA-2's
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<s>", "</s>", "<unk>", *(f"<0x{i:02X}>" for i in range(256))]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, limit_alphabet=60, show_progress=False
+    )
+    tok.train_from_iterator(text.splitlines(), trainer)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    return LlamaTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True
+    )
+
+
 def make_tiny_llama(
     path: Path,
     seed: int = 0,
@@ -71,11 +95,13 @@ def make_tiny_llama(
     poison: str | None = None,
     intermediate_size: int = 128,
     hidden_size: int = 64,
+    byte_fallback: bool = False,
 ) -> Path:
-    """A 2-layer LLaMA (hidden 64, 4 heads) with random weights; `poison` puts a NaN in that tensor."""
+    """A 2-layer LLaMA (hidden 64, 4 heads) with random weights; `poison` puts a NaN in that
+    tensor; `byte_fallback` gives it a LLaMA-2-style tokenizer instead of a GPT-2-style one."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_byte_fallback_tokenizer() if byte_fallback else make_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

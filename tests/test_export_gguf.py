@@ -4,6 +4,7 @@ hyperparameters and tokenizer, the LoRA factors, and the errors for bad input.""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -98,6 +99,63 @@ def test_non_gguf_formats_need_requantize(tiny_model_dir, tmp_path, capsys):
     # cheapest (4.5 bits) of least error is iq4_nl, its levels nf4-like
     assert report["requantized"] and {r["to"] for r in report["requantized"].values()} == {"iq4_nl"}
     assert all(0 < e < 0.2 for e in report["requantized_rel_error"].values())
+
+
+@pytest.fixture(scope="module")
+def byte_fallback_export(tmp_path_factory) -> Path:
+    """A tiny LLaMA with a LLaMA-2-style (byte-fallback BPE) tokenizer, q8_0, exported."""
+    from qpeft.cli import main
+    from tests.conftest import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("spm")
+    source = make_tiny_llama(root / "model", byte_fallback=True)
+    assert main(["quantize", str(source), "--config", "q8_0", "--out", str(root / "q")]) == 0
+    export_checkpoint(root / "q", "gguf", root / "out")
+    return root
+
+
+def test_a_byte_fallback_tokenizer_is_llama_cpp_sentencepiece_vocabulary(byte_fallback_export):
+    """tokenizer.ggml.model = llama: the pieces by id, <0xXX> typed BYTE, and scores that
+    rank the pieces in tokenizer.json's merge order (llama.cpp merges the best first)."""
+    from transformers import AutoTokenizer
+
+    root = byte_fallback_export
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(root / "out" / "model.gguf")).fields.items()}
+    assert fields["tokenizer.ggml.model"] == "llama"
+    tokenizer = AutoTokenizer.from_pretrained(root / "q")
+    vocab = {i: t for t, i in tokenizer.get_vocab().items()}
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert tokens == [vocab[i] for i in range(len(vocab))]
+    types = fields["tokenizer.ggml.token_type"]
+    assert [tokens[i] for i, t in enumerate(types) if t == gguf.TokenType.BYTE] == [f"<0x{i:02X}>" for i in range(256)]
+    assert [types[i] for i in (0, 1, 2)] == [gguf.TokenType.CONTROL] * 3
+    assert fields["tokenizer.ggml.bos_token_id"] == 0 and fields["tokenizer.ggml.add_bos_token"] is True
+    score = dict(zip(tokens, fields["tokenizer.ggml.scores"], strict=True))
+    merges = json.loads((root / "q" / "tokenizer.json").read_text())["model"]["merges"]
+    first_formed = list(dict.fromkeys(a + b for a, b in merges))
+    assert len(first_formed) > 300
+    ranked = [score[p] for p in first_formed]
+    assert all(a > b for a, b in itertools.pairwise(ranked))
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_a_byte_fallback_export_as_transformers_does(byte_fallback_export):
+    """llama.cpp's SentencePiece tokenizer, reading the export, gives transformers' ids
+    on 300 lines of WikiText-2 test text (unseen by the tokenizer's training)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    from qpeft.data import dataset_path
+
+    root = byte_fallback_export
+    tokenizer = AutoTokenizer.from_pretrained(root / "q")
+    llm = llama_cpp.Llama(model_path=str(root / "out" / "model.gguf"), vocab_only=True, verbose=False)
+    text = dataset_path("wikitext2", "test").read_text(encoding="utf-8")
+    # no leading space (transformers 5 and SentencePiece differ there) and no special-token text
+    lines = [line.strip().replace("<unk>", "unk") for line in text.splitlines() if line.strip()][:300]
+    lines.append("Übergrößenträger 日本語 — naïve café ☕")
+    differ = [line for line in lines if llm.tokenize(line.encode(), add_bos=True) != tokenizer(line)["input_ids"]]
+    assert differ == []
 
 
 def test_other_architectures_are_a_one_line_error(gguf_checkpoint, tmp_path, capsys):

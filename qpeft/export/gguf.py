@@ -26,8 +26,12 @@ BPE (tokenizer.json, no byte fallback) is `tokenizer.ggml.model = gpt2`, with th
 vocabulary by id, token types (added special tokens CONTROL, other added tokens
 USER_DEFINED), merges, special token ids and chat template; its pre-tokenizer is
 named by the sha256 of its token ids on llama.cpp's check text (`PRE_TOKENIZERS`). A
-byte-fallback BPE (LLaMA-2, Mistral-7B) is `tokenizer.ggml.model = llama`, with
-gguf-py's `LlamaHfVocab` scores. Whether BOS/EOS are added is what the tokenizer does.
+byte-fallback BPE (LLaMA-2, Mistral-7B) is `tokenizer.ggml.model = llama`: llama.cpp
+tokenizes it as SentencePiece does, merging first the adjacent pair whose merged piece
+scores highest, so each piece formed by merge k scores −k (`merge_rank_scores`), the
+order of tokenizer.json's merges (for a model converted from SentencePiece, the order of
+its tokenizer.model scores); gguf-py's `LlamaHfVocab` alone gives every piece −1000, and
+llama.cpp then merges left to right. Whether BOS/EOS are added is what the tokenizer does.
 """
 
 from __future__ import annotations
@@ -206,6 +210,17 @@ def pre_tokenizer_name(tokenizer, pre: dict[str, Any]) -> str:
     )
 
 
+def merge_rank_scores(tokens: list[str], merges: list) -> list[float]:
+    """SentencePiece-style scores of a BPE vocabulary: −k for the piece that merge k
+    forms (its first merge where several form it), 0 for pieces no merge forms
+    (characters, bytes, specials), which llama.cpp never forms by merging."""
+    rank: dict[str, int] = {}
+    for k, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, k)
+    return [-float(rank[t]) if t in rank else 0.0 for t in tokens]
+
+
 def write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     """The tokenizer.* keys of the tokenizer in `model_dir` (see the module docstring)."""
     import gguf
@@ -219,11 +234,11 @@ def write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if model.get("type") == "BPE" and model.get("byte_fallback"):
         vocab = gguf.LlamaHfVocab(model_dir)
-        tokens, scores, types = zip(*vocab.all_tokens(), strict=True)
+        tokens, _, types = zip(*vocab.all_tokens(), strict=True)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(list(tokens))
-        writer.add_token_scores(list(scores))
+        writer.add_token_scores(merge_rank_scores([t.decode("utf-8") for t in tokens], model.get("merges", [])))
         writer.add_token_types(list(types))
         special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=len(tokens))
     elif model.get("type") == "BPE" and (spec.get("decoder") or {}).get("type") == "ByteLevel":
