@@ -158,6 +158,21 @@ def test_llama_cpp_tokenizes_a_byte_fallback_export_as_transformers_does(byte_fa
     assert differ == []
 
 
+def test_unquantized_tensors_keep_the_checkpoints_dtype(tiny_model_dir, tmp_path):
+    """The loaded model is fp32; model.gguf keeps each unquantized tensor as the
+    checkpoint stores it (a bf16 embedding stays BF16, half the bytes), 1-D in F32."""
+    from qpeft.cli import main
+
+    argv = ["quantize", str(tiny_model_dir), "--config", "q8_0", "--unquantized-dtype", "bf16"]
+    assert main([*argv, "--out", str(tmp_path / "q")]) == 0
+    export_checkpoint(tmp_path / "q", "gguf", tmp_path / "out")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "out" / "model.gguf")).tensors}
+    assert types["token_embd.weight"] == "BF16" and types["output_norm.weight"] == "F32"
+    export_checkpoint(tmp_path / "q", "gguf", tmp_path / "fp16", dtype="fp16")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "fp16" / "model.gguf")).tensors}
+    assert types["token_embd.weight"] == "F16"
+
+
 def test_other_architectures_are_a_one_line_error(gguf_checkpoint, tmp_path, capsys):
     import shutil
 

@@ -50,7 +50,7 @@ from qpeft.errors import QpeftError
 from qpeft.export.lora import LoraFactors
 from qpeft.export.requantize import nearest_requantization
 from qpeft.export.transformers_dir import adapter_factors
-from qpeft.models.weights import unshared_state
+from qpeft.models.weights import SafetensorsWeights, unshared_state
 from qpeft.modules import quantized_layers
 from qpeft.quant import QuantConfig, QuantizedTensor
 from qpeft.quant.formats import GRIDS
@@ -331,12 +331,15 @@ def write_model_gguf(model: nn.Module, model_dir: Path, path: Path, dtype: torch
     params_by_kind: Counter = Counter()
     stored_bits = quantized_params = 0
     skip = tuple(f"{name}." for name in layers)
+    stored = SafetensorsWeights(model_dir)
     for hf_name, tensor in unshared_state(model).items():
         if hf_name.startswith(skip):
             continue
         order = _row_order(hf_name, hp)
         tensor = tensor[order] if order is not None else tensor
-        array, raw = _unquantized(tensor, dtype)
+        # the loaded model is fp32: without --dtype, each tensor keeps the checkpoint's dtype
+        kept = dtype or (stored.stored_dtype(hf_name) if hf_name in stored.weight_map else None)
+        array, raw = _unquantized(tensor, kept)
         writer.add_tensor(_gguf_name(name_map, hf_name), array, raw_dtype=raw)
         kind = "bf16" if raw is not None else {np.float32: "f32", np.float16: "f16"}.get(array.dtype.type, "f32")
         if tensor.dim() == 2:

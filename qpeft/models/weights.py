@@ -24,6 +24,9 @@ def unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
 class SafetensorsWeights:
     """Tensor name → shard file of a model directory; tensors are read one at a time."""
 
@@ -45,6 +48,11 @@ class SafetensorsWeights:
         """One tensor, read from its shard."""
         with safe_open(str(self.model_dir / self.weight_map[key]), framework="pt") as handle:
             return handle.get_tensor(key)
+
+    def stored_dtype(self, key: str) -> torch.dtype:
+        """The dtype `key` is stored in, from its shard's header (no data read)."""
+        with safe_open(str(self.model_dir / self.weight_map[key]), framework="pt") as handle:
+            return _SAFETENSORS_DTYPES[handle.get_slice(key).get_dtype()]
 
     def _by_shard(self) -> dict[str, list[str]]:
         by_shard: dict[str, list[str]] = {}
