@@ -32,6 +32,18 @@ SCALE_DTYPE_BITS = {"fp16": 16, "bf16": 16, "fp32": 32}
 # Elements per chunk of work: 1 Mi values, 4 MiB per fp32 temporary. Measured on
 # 2 CPU cores (4096x4096 bf16): faster than 256 Ki or 8 Mi chunks (cache-resident).
 DEFAULT_CHUNK = 1 << 20
+# On CUDA each torch op costs microseconds of dispatch and launch whatever its size:
+# with 1 Mi-value chunks the torch dequantizer ran at 8-58 GB/s on an H200 (host-bound,
+# tools/gpu_check.py, 2026-12-04). 16 Mi values: 64 MiB per fp32 temporary.
+CUDA_CHUNK = 1 << 24
+
+
+def chunk_for(device: torch.device, chunk: int | None) -> int:
+    """`chunk`, or where None the default chunk of work on `device`'s type."""
+    if chunk is not None:
+        return chunk
+    return CUDA_CHUNK if device.type == "cuda" else DEFAULT_CHUNK
+
 
 Shape = tuple[int, ...]
 
@@ -111,10 +123,10 @@ class QuantConfig(ABC):
         return True
 
     @abstractmethod
-    def quantize(self, weight: torch.Tensor, chunk: int, name: str) -> QuantizedTensor: ...
+    def quantize(self, weight: torch.Tensor, chunk: int | None, name: str) -> QuantizedTensor: ...
 
     @abstractmethod
-    def dequantize(self, qt: QuantizedTensor, dtype: torch.dtype, chunk: int) -> torch.Tensor: ...
+    def dequantize(self, qt: QuantizedTensor, dtype: torch.dtype, chunk: int | None) -> torch.Tensor: ...
 
     @abstractmethod
     def simulate(self, weight: torch.Tensor) -> torch.Tensor:
@@ -168,14 +180,14 @@ class _Simulated:
 
 
 def quantize(
-    weight: torch.Tensor, config: QuantConfig, chunk: int = DEFAULT_CHUNK, name: str = "tensor"
+    weight: torch.Tensor, config: QuantConfig, chunk: int | None = None, name: str = "tensor"
 ) -> QuantizedTensor:
     """Quantize `weight` (any float dtype, CPU or CUDA) under `config`; `name` is what
     error messages call it."""
     return config.quantize(weight, chunk, name)
 
 
-def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int | None = None) -> torch.Tensor:
     """Dequantize to a tensor of `qt.shape` in `dtype` (computed in fp32, then cast),
     in torch ops (`qpeft.kernels.dequantize` adds the compiled fast paths)."""
     return qt.config.dequantize(qt, dtype, chunk)

@@ -39,7 +39,7 @@ import torch
 
 from qpeft.errors import QpeftError
 from qpeft.quant.codebooks import nearest_level
-from qpeft.quant.config import DEFAULT_CHUNK, QuantConfig, Shape, matrix_shape
+from qpeft.quant.config import QuantConfig, Shape, chunk_for, matrix_shape
 from qpeft.quant.tensor import QuantizedTensor
 
 BLOCK = 32
@@ -168,11 +168,12 @@ class GGUFBlockConfig(QuantConfig):
         params = self.search(x)
         return params, self.codes(self._subs(x), *self.effective(params)).reshape(x.shape)
 
-    def quantize(self, weight: torch.Tensor, chunk: int = DEFAULT_CHUNK, name: str = "tensor") -> QuantizedTensor:
+    def quantize(self, weight: torch.Tensor, chunk: int | None = None, name: str = "tensor") -> QuantizedTensor:
         if not weight.is_floating_point():
             raise QpeftError(f"can only quantize floating-point tensors, {name} is {weight.dtype}")
         rows, per_row = self.blocks(weight.shape)
         x = weight.detach().reshape(rows * per_row, self.block_size)
+        chunk = chunk_for(weight.device, chunk)
         out = torch.empty(rows * per_row, self.block_bytes, dtype=torch.uint8, device=weight.device)
         step = max(1, chunk // self.block_size)
         for start in range(0, x.shape[0], step):
@@ -181,10 +182,11 @@ class GGUFBlockConfig(QuantConfig):
         return QuantizedTensor(self, tuple(weight.shape), {"blocks": out.reshape(-1)})
 
     def dequantize(
-        self, qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK
+        self, qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int | None = None
     ) -> torch.Tensor:
         rows, per_row = self.blocks(qt.shape)
         raw = qt.parts["blocks"].view(rows * per_row, self.block_bytes)
+        chunk = chunk_for(qt.device, chunk)
         out = torch.empty(rows * per_row, self.block_size, dtype=dtype, device=qt.device)
         step = max(1, chunk // self.block_size)
         for start in range(0, raw.shape[0], step):

@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 
 from qpeft.errors import QpeftError
-from qpeft.quant.config import DEFAULT_CHUNK, QuantConfig, Shape, matrix_shape
+from qpeft.quant.config import QuantConfig, Shape, chunk_for, matrix_shape
 from qpeft.quant.packing import group_shape, pack_codes, packed_numel, unpack_codes
 from qpeft.quant.tensor import QuantizedTensor
 
@@ -131,7 +131,7 @@ class IntConfig(QuantConfig):
         parts = {"codes": pack_codes(flat, self.bits), "scales": scales.reshape(-1), "zeros": zeros.reshape(-1)}
         return QuantizedTensor(self, tuple(shape), parts)
 
-    def quantize(self, weight: torch.Tensor, chunk: int = DEFAULT_CHUNK, name: str = "tensor") -> QuantizedTensor:
+    def quantize(self, weight: torch.Tensor, chunk: int | None = None, name: str = "tensor") -> QuantizedTensor:
         if not weight.is_floating_point():
             raise QpeftError(f"can only quantize floating-point tensors, {name} is {weight.dtype}")
         rows, cols, groups = self.groups(weight.shape)
@@ -139,7 +139,7 @@ class IntConfig(QuantConfig):
         codes = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)
         scales = torch.empty(rows, groups, dtype=torch.float16, device=weight.device)
         zeros = torch.empty_like(scales)
-        step = max(1, chunk // cols)  # rows at a time: fp32 temporaries of one chunk only
+        step = max(1, chunk_for(weight.device, chunk) // cols)  # rows at a time: fp32 temporaries of one chunk only
         for start in range(0, rows, step):
             part = slice(start, min(rows, start + step))
             piece = w[part].float()
@@ -151,13 +151,13 @@ class IntConfig(QuantConfig):
         return self._pack(weight.shape, codes, scales, zeros)
 
     def dequantize(
-        self, qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK
+        self, qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int | None = None
     ) -> torch.Tensor:
         rows, cols, groups = self.groups(qt.shape)
         scales, zeros = qt.parts["scales"].view(rows, groups), qt.parts["zeros"].view(rows, groups)
         per_group, group_bytes = group_shape(self.bits)
         # row chunks start on whole packing groups (8 codes of 3 bits fill 3 bytes)
-        step = max(1, chunk // cols)
+        step = max(1, chunk_for(qt.device, chunk) // cols)
         step = step if (step * cols) % per_group == 0 else math.lcm(step * cols, per_group) // cols
         out = torch.empty(rows, cols, dtype=dtype, device=qt.device)
         for start in range(0, rows, step):

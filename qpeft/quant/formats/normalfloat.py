@@ -53,7 +53,7 @@ import torch
 
 from qpeft.errors import QpeftError
 from qpeft.quant.codebooks import dynamic_codebook, nearest_level, nf_codebook, uniform_codebook
-from qpeft.quant.config import DEFAULT_CHUNK, SCALE_DTYPE_BITS, TORCH_DTYPES, QuantConfig, Shape
+from qpeft.quant.config import SCALE_DTYPE_BITS, TORCH_DTYPES, QuantConfig, Shape, chunk_for
 from qpeft.quant.packing import decode_lut, group_shape, pack_codes, packed_numel, unpack_codes
 from qpeft.quant.tensor import QuantizedTensor
 
@@ -213,11 +213,11 @@ class NFConfig(QuantConfig):
             specs["scales"] = (TORCH_DTYPES[self.scale_dtype], layout.num_blocks)
         return specs
 
-    def quantize(self, weight: torch.Tensor, chunk: int = DEFAULT_CHUNK, name: str = "tensor") -> QuantizedTensor:
+    def quantize(self, weight: torch.Tensor, chunk: int | None = None, name: str = "tensor") -> QuantizedTensor:
         return quantize(weight, self, chunk, name)
 
     def dequantize(
-        self, qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK
+        self, qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int | None = None
     ) -> torch.Tensor:
         return dequantize(qt, dtype, chunk)
 
@@ -290,9 +290,7 @@ def _block_view(flat: torch.Tensor, start_block: int, end_block: int, block_size
     return piece.reshape(-1, block_size)
 
 
-def quantize(
-    weight: torch.Tensor, config: NFConfig, chunk: int = DEFAULT_CHUNK, name: str = "tensor"
-) -> QuantizedTensor:
+def quantize(weight: torch.Tensor, config: NFConfig, chunk: int | None = None, name: str = "tensor") -> QuantizedTensor:
     """Quantize `weight` (any float dtype, CPU or CUDA) under `config`; `name` is
     what error messages call it."""
     if not weight.is_floating_point():
@@ -303,7 +301,7 @@ def quantize(
     codebook = nf_codebook(config.bits, device)
     absmax = torch.empty(layout.num_blocks, dtype=torch.float32, device=device)
     codes = torch.empty(packed_numel(layout.padded_numel, config.bits), dtype=torch.uint8, device=device)
-    chunks = list(_chunks(layout.num_blocks, config.block_size, chunk))
+    chunks = list(_chunks(layout.num_blocks, config.block_size, chunk_for(weight.device, chunk)))
     for start, end in chunks:
         absmax[start:end] = _block_view(flat, start, end, config.block_size, layout.numel).abs().amax(dim=1)
     # amax propagates NaN, so one check covers every value (one device sync)
@@ -473,7 +471,7 @@ def scaled_levels(levels: torch.Tensor, absmax: torch.Tensor, config: NFConfig, 
     return values[: shape.numel()].view(shape)
 
 
-def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: int | None = None) -> torch.Tensor:
     """Dequantize to a tensor of `qt.shape` in `dtype` (computed in fp32, then cast),
     in torch ops. (`qpeft.kernels.dequantize` sends matrices in bitsandbytes' own NF4
     format to its compiled kernels: the same bits, faster.)"""
@@ -484,7 +482,7 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, chunk: i
     codebook = nf_codebook(config.bits, device)
     lut = decode_lut(codebook, config.bits)
     out = torch.empty(layout.numel, dtype=dtype, device=device)
-    for start, end in _chunks(layout.num_blocks, config.block_size, chunk):
+    for start, end in _chunks(layout.num_blocks, config.block_size, chunk_for(device, chunk)):
         lo, hi = start * config.block_size, end * config.block_size
         packed = qt.parts["codes"][_byte_range(start, end, config)]
         # one gather per byte from a 256-entry table; int32 indices avoid an int64 copy
