@@ -191,8 +191,13 @@ def peak_memory(device: str) -> float | None:
 
 
 def reset_peak(device: str) -> None:
+    """Drop what earlier sections left (a model in a reference cycle lingers after
+    `del` until collected) and restart the peak."""
+    import gc
+
     import torch
 
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
