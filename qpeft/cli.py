@@ -28,11 +28,20 @@ def _add_model_arg(parser: argparse.ArgumentParser, checkpoint: bool = False) ->
     )
 
 
+# peft's target_modules rules (qpeft.models.selection), and each family's default
+TARGETS_HELP = (
+    "layer names, peft's target_modules rules: a comma-separated list of names (a module matches when its "
+    "name equals one or ends with .NAME), any other value one regular expression matching the whole name, "
+    "or all-linear (default: LLaMA/Mistral/Qwen the q,k,v,o,gate,up,down projections; BERT-family the "
+    "encoder layers' query,key,value,dense)"
+)
+
+
 def _add_targets_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--targets",
         default=None,
-        help="comma-separated layer name patterns (default: q,k,v,o,gate,up,down projections)",
+        help=TARGETS_HELP,
     )
 
 
@@ -288,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--budget", type=float, default=None, help="average bits per parameter of Q")
     how.add_argument("--total-budget", type=float, default=None, help="average bits of Q plus the adapter as stored")
     pl.add_argument("--rank", type=int, default=8, help="adapter rank (default: 8)")
-    pl.add_argument("--targets", default=None, help="layer name patterns (default: the 7 projections)")
+    pl.add_argument("--targets", default=None, help=TARGETS_HELP)
     pl.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")
     pl.add_argument("--seqlen", type=int, default=512, help="tokens per sequence (default: 512)")
     pl.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype (default: bf16)")

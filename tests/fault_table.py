@@ -128,8 +128,8 @@ ROWS: list[BadInput] = [
     ),
     _row(
         "--targets that match nothing",
-        "quantize {tiny} --targets layers.0.self_attn.q_proj --out {tmp}/o",
-        "no linear layer matches the patterns ['layers.0.self_attn.q_proj'] (a pattern is a module's last name, e.g. q_proj, or a glob of its full name); this model's include model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj, model.layers.0.self_attn.o_proj, model.layers.0.mlp.gate_proj",
+        "quantize {tiny} --targets qproj --out {tmp}/o",
+        "no linear layer matches the targets ['qproj'] (peft's target_modules rules: a list of names, each matching a module named so or ending with .NAME, or one regular expression of the whole name); this model's linear layers: model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj, model.layers.0.self_attn.o_proj, model.layers.0.mlp.gate_proj, model.layers.0.mlp.up_proj, model.layers.0.mlp.down_proj, model.layers.1.self_attn.q_proj, model.layers.1.self_attn.k_proj, model.layers.1.self_attn.v_proj … (15 in all)",
     ),
     _row(
         "not a GGUF file",

@@ -34,9 +34,9 @@ def test_selection_patterns(tiny_model_dir):
     skeleton = build_skeleton(tiny_model_dir)
     default = select_linear(skeleton)
     assert len(default) == 14 and "lm_head" not in default
-    assert select_linear(skeleton, ["model.layers.0.*"]) == [n for n in default if n.startswith("model.layers.0.")]
+    assert select_linear(skeleton, r"model\.layers\.0\..*") == [n for n in default if n.startswith("model.layers.0.")]
     assert select_linear(skeleton, ["lm_head"]) == ["lm_head"]
-    with pytest.raises(QpeftError, match=r"no linear layer matches the patterns \['attn'\]"):
+    with pytest.raises(QpeftError, match=r"no linear layer matches the targets \['attn'\]"):
         select_linear(skeleton, ["attn"])
 
 

@@ -31,7 +31,8 @@ from qpeft.data.calibration import calibration_batches, calibration_text
 from qpeft.distributed import barrier, rank_and_world
 from qpeft.errors import QpeftError
 from qpeft.models.resolve import cache_dir
-from qpeft.models.selection import select_linear
+from qpeft.models.selection import Targets, select_linear, targets_json
+from qpeft.models.skeleton import resolve_targets
 from qpeft.quant.config import TORCH_DTYPES
 
 
@@ -52,7 +53,7 @@ def text_digest(text: str) -> str:
 
 
 def _settings(
-    model_dir: Path, targets: Sequence[str], data: str, num_sequences: int, seqlen: int, seed: int, dtype: str
+    model_dir: Path, targets: Targets | None, data: str, num_sequences: int, seqlen: int, seed: int, dtype: str
 ) -> tuple[dict[str, Any], str]:
     """What identifies a calibration result (its cache key), and the calibration text."""
     text, data_name = calibration_text(data)
@@ -64,7 +65,7 @@ def _settings(
         "seqlen": seqlen,
         "seed": seed,
         "dtype": dtype,
-        "targets": list(targets),
+        "targets": targets_json(resolve_targets(model_dir, targets)),
     }
     return settings, text
 
@@ -99,7 +100,7 @@ class _Statistic:
 def _cached_statistics(
     statistics: Sequence[_Statistic],
     model_dir: Path,
-    targets: Sequence[str],
+    targets: Targets | None,
     text: str,
     device: str,
     compute: Callable[[Any, list[str], Any, set[str]], dict[str, Any]],
@@ -172,7 +173,7 @@ def _calibration_pass(
 
 def calibrate(
     model_dir: Path,
-    targets: Sequence[str],
+    targets: Targets | None,
     data: str = "wikitext2",
     num_sequences: int = 32,
     seqlen: int = 512,
@@ -216,7 +217,7 @@ def calibrate(
 
 def calibrate_activations(
     model_dir: Path,
-    targets: Sequence[str],
+    targets: Targets | None,
     data: str = "wikitext2",
     num_sequences: int = 32,
     seqlen: int = 512,

@@ -20,6 +20,7 @@ from qpeft.quant.gptq import GPTQSolver
 
 if TYPE_CHECKING:
     from qpeft.calibration.activations import InputGrams
+    from qpeft.models.selection import Targets
     from qpeft.stages.decompose import DecomposeRequest
 
 ADAPTER_DTYPE = torch.bfloat16  # L1/L2 and WHT values are stored (and trained) in bf16
@@ -115,7 +116,7 @@ class MethodPlugin(ABC):
 
     @abstractmethod
     def build(
-        self, request: DecomposeRequest, model_dir: Path, targets: tuple[str, ...], names: list[str], device: str
+        self, request: DecomposeRequest, model_dir: Path, targets: Targets | None, names: list[str], device: str
     ) -> Method:
         """Calibrate what the options need and return the configured method."""
 

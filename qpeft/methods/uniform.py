@@ -27,6 +27,7 @@ from qpeft.methods.base import GPTQSolvers, Method, MethodPlugin, Needs, Split
 from qpeft.quant import QuantConfig
 
 if TYPE_CHECKING:
+    from qpeft.models.selection import Targets
     from qpeft.stages.decompose import DecomposeRequest
 
 
@@ -90,7 +91,7 @@ class UniformPlugin(MethodPlugin):
         )
 
     def build(
-        self, request: DecomposeRequest, model_dir: Path, targets: tuple[str, ...], names: list[str], device: str
+        self, request: DecomposeRequest, model_dir: Path, targets: Targets | None, names: list[str], device: str
     ) -> Method:
         from qpeft.calibration.cache import calibrate_activations
 

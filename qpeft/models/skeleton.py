@@ -3,7 +3,7 @@ loader and the stages build on."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from qpeft.errors import QpeftError
-from qpeft.models.selection import select_linear
+from qpeft.models.selection import Targets, default_targets, select_linear
 from qpeft.models.weights import SafetensorsWeights
 
 
@@ -26,7 +26,15 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype = torch.float32, **option
         return AutoModelForCausalLM.from_config(config, dtype=dtype, **options)
 
 
-def stored_linear(model_dir: Path, weights: SafetensorsWeights, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
+def resolve_targets(model_dir: Path, targets: Targets | None) -> Targets:
+    """`targets`, or where None the default of the model's family (config.json's
+    model_type): what manifests and cache keys record."""
+    if targets is not None:
+        return targets
+    return default_targets(json.loads((Path(model_dir) / "config.json").read_text()).get("model_type"))
+
+
+def stored_linear(model_dir: Path, weights: SafetensorsWeights, targets: Targets | None) -> dict[str, tuple[int, int]]:
     """Selected linear layers (name → weight shape (out, in), in module order); an
     error names any whose weight the safetensors files lack."""
     skeleton = build_skeleton(model_dir)

@@ -53,7 +53,8 @@ from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, dtype_name, st
 from qpeft.io.summary import HEATMAP_NAME, bits_heatmap, summarise, type_table
 from qpeft.methods import DEFAULT_METHOD, Method, check_rank, method_plugin
 from qpeft.models.resolve import copy_model_files
-from qpeft.models.skeleton import stored_linear
+from qpeft.models.selection import Targets, parse_targets, targets_json, targets_text
+from qpeft.models.skeleton import resolve_targets, stored_linear
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.quant import QuantConfig, dequantize, storage_bits
 from qpeft.stages.calibrate import CalibrationOptions
@@ -113,7 +114,7 @@ class MatrixPlan:
 
 def plan_matrices(
     model_dir: Path,
-    targets: Sequence[str],
+    targets: Targets | None,
     grid: Sequence[QuantConfig],
     budget: Budget | None,
     ranks: Sequence[int] = (0,),
@@ -149,7 +150,7 @@ def decompose_model(
     out_dir: Path,
     budget: Budget | None,
     method: Method,
-    targets: Sequence[str],
+    targets: Targets | None,
     grid: Sequence[QuantConfig],
     ranks: Sequence[int],
     adapter_bits: AdapterBits,
@@ -165,6 +166,7 @@ def decompose_model(
     under that config and rank. With several `ranks` the ILP picks each matrix's
     (config, rank) pair under a total budget. Returns the manifest on rank 0, None on
     the other ranks."""
+    targets = resolve_targets(model_dir, targets)
     from qpeft.calibration.cache import model_fingerprint
 
     rank_id, world = rank_and_world()
@@ -175,7 +177,7 @@ def decompose_model(
     calibration = method_settings(method)
     costed = {k: v for k, v in calibration.items() if k not in method.split_only}
     settings = DecomposeSettings(
-        model_fingerprint(model_dir), list(targets), [c.name for c in grid], list(ranks), method.name, costed
+        model_fingerprint(model_dir), targets_json(targets), [c.name for c in grid], list(ranks), method.name, costed
     )
     work = work_dir_for(out_dir)
     uniform = budget is None  # one config and one rank for every matrix: nothing to allocate
@@ -264,7 +266,7 @@ def decompose_model(
         manifest = {
             "method": method.name,
             "base_model": {"path": str(model_dir), "source": source or str(model_dir), "fingerprint": settings.model},
-            "targets": list(targets),
+            "targets": targets_json(targets),
             "unquantized_dtype": dtype_name(unquantized_dtype),
             "settings": settings.as_dict()
             | budgets
@@ -323,7 +325,7 @@ class DecomposeRequest:
     ranks: str | Sequence[int] | None = None  # candidate ranks of the joint ILP
     calib: CalibrationOptions = field(default_factory=CalibrationOptions)
     configs: str | None = None  # the ILP's grid (default lqlora)
-    targets: str | None = None
+    targets: str | Sequence[str] | None = None  # `--targets` text or a recipe's list
     device: str = "cpu"
     seed: int = 0
     refine: str = "hull"
@@ -353,7 +355,7 @@ class DecomposeRequest:
         else:
             how += ["--rank", str(self.rank)]
         extra = ["--method", self.method, *self.plugin.command_flags(self.options)]
-        targets = ["--targets", self.targets] if self.targets else []
+        targets = ["--targets", targets_text(parse_targets(self.targets, "--targets"))] if self.targets else []
         model = self.model or "smollm2"
         return ["decompose", model, *how, "--out", str(self.out), *extra, *targets]
 
@@ -404,7 +406,6 @@ def run_decompose(request: DecomposeRequest) -> dict[str, Any] | None:
     from qpeft.io.atomic import check_output, remove_partials
     from qpeft.io.checkpoint import UNQUANTIZED_DTYPES
     from qpeft.models.resolve import resolve_model
-    from qpeft.models.selection import parse_targets
     from qpeft.quant import parse_config, parse_grid
 
     r = request

@@ -21,8 +21,8 @@ import qpeft
 from qpeft.io.atomic import atomic_directory
 from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, dtype_name, stream_model, write_manifest
 from qpeft.models.resolve import copy_model_files
-from qpeft.models.selection import DEFAULT_TARGETS
-from qpeft.models.skeleton import stored_linear
+from qpeft.models.selection import Targets, parse_targets, targets_json, targets_text
+from qpeft.models.skeleton import resolve_targets, stored_linear
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.quant import QuantConfig, bits_per_param, dequantize, quantize, storage_bits
 from qpeft.stages.checks import check_config_holds, check_device
@@ -49,7 +49,7 @@ def quantize_model(
     model_dir: Path,
     out_dir: Path,
     config: QuantConfig,
-    targets: Sequence[str] = DEFAULT_TARGETS,
+    targets: Targets | None = None,
     device: str = "cpu",
     source: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -59,6 +59,7 @@ def quantize_model(
     (the other tensors as in the source, or in `unquantized_dtype`). Returns the
     manifest."""
     start = time.perf_counter()
+    targets = resolve_targets(model_dir, targets)
     weights = SafetensorsWeights(model_dir)
     shapes = stored_linear(model_dir, weights, targets)
     check_config_holds(config, shapes)
@@ -79,7 +80,7 @@ def quantize_model(
         manifest = {
             "method": "quantize",
             "base_model": {"path": str(model_dir), "source": source or str(model_dir)},
-            "targets": list(targets),
+            "targets": targets_json(targets),
             "unquantized_dtype": dtype_name(unquantized_dtype),
             "quantized": matrices,
             "summary": {
@@ -108,13 +109,13 @@ class QuantizeRequest:
     model: str | None
     out: Path
     config: str = "nf4"
-    targets: str | None = None  # comma-separated patterns; None: the default set
+    targets: str | Sequence[str] | None = None  # `--targets` text or a recipe's list; None: the family's default
     device: str = "cpu"
     unquantized_dtype: str = "source"
 
     def command(self) -> list[str]:
         """The `qpeft` command line that makes this request."""
-        targets = ["--targets", self.targets] if self.targets else []
+        targets = ["--targets", targets_text(parse_targets(self.targets, "--targets"))] if self.targets else []
         return ["quantize", self.model or "smollm2", "--config", self.config, "--out", str(self.out), *targets]
 
 
@@ -123,7 +124,6 @@ def run_quantize(request: QuantizeRequest) -> dict[str, Any]:
     from qpeft.io.atomic import check_output
     from qpeft.io.checkpoint import UNQUANTIZED_DTYPES
     from qpeft.models.resolve import resolve_model
-    from qpeft.models.selection import parse_targets
     from qpeft.quant import parse_config
 
     config = parse_config(request.config)

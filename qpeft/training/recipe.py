@@ -52,7 +52,7 @@ class MethodSection:
     rank: int = 64  # LoRA rank, or the equal parameter budget of QWHA
     ranks: str | None = None  # with total_budget: candidate ranks, e.g. "0,8,16" (the ILP picks each matrix's)
     alpha: float | None = None  # qlora: LoRA scaling alpha / rank (default: 2·rank); decompositions train unscaled
-    targets: str | None = None  # layer name patterns (default: q, k, v, o, gate, up, down projections)
+    targets: str | list[str] | None = None  # peft target_modules rules (models.selection); None: family default
     # the method's own keys, written beside these in the YAML: its plugin's `recipe_section`
     options: Any = None
 
@@ -123,7 +123,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 pass
         if option is str and isinstance(value, str):
             return value
-    names = " or ".join(o.__name__ for o in options if o is not type(None))
+        if typing.get_origin(option) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    names = " or ".join(
+        "a list of strings" if typing.get_origin(o) is list else o.__name__ for o in options if o is not type(None)
+    )
     raise QpeftError(f"recipe key {key}: expected {names}, got {value!r}")
 
 

@@ -29,6 +29,7 @@ from qpeft.modules.adapters import LowRankAdapter
 from qpeft.quant import QuantConfig, QuantizedTensor, dequantize, quantize, simulate
 
 if TYPE_CHECKING:
+    from qpeft.models.selection import Targets
     from qpeft.stages.decompose import DecomposeRequest
 
 ROUNDINGS = ("nearest", "gptq")  # how LQ-LoRA chooses the codes of Q at the split
@@ -317,7 +318,7 @@ class LQLoRAPlugin(MethodPlugin):
         )
 
     def build(
-        self, request: DecomposeRequest, model_dir: Path, targets: tuple[str, ...], names: list[str], device: str
+        self, request: DecomposeRequest, model_dir: Path, targets: Targets | None, names: list[str], device: str
     ) -> Method:
         from qpeft.calibration.cache import calibrate, calibrate_activations, fisher_for
 

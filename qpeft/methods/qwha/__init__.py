@@ -24,6 +24,7 @@ from qpeft.quant import QuantConfig, dequantize, quantize, simulate
 from qpeft.transforms.hadamard import walsh_hadamard
 
 if TYPE_CHECKING:
+    from qpeft.models.selection import Targets
     from qpeft.stages.decompose import DecomposeRequest
 
 
@@ -149,7 +150,7 @@ class QWHAPlugin(MethodPlugin):
         return Needs(calibration_text=True, activations="QWHA's initialisation")
 
     def build(
-        self, request: DecomposeRequest, model_dir: Path, targets: tuple[str, ...], names: list[str], device: str
+        self, request: DecomposeRequest, model_dir: Path, targets: Targets | None, names: list[str], device: str
     ) -> Method:
         from qpeft.calibration.cache import calibrate_activations
 
