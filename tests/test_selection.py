@@ -77,8 +77,9 @@ def test_a_text_of_names_is_a_list_and_anything_else_one_regex():
     assert parse_targets(None, "--targets") is None
     with pytest.raises(QpeftError, match=re.escape("--targets: '(q_proj' is not a regular expression (missing ),")):
         parse_targets("(q_proj", "--targets")
-    with pytest.raises(QpeftError, match=re.escape("--targets is empty: name layers")):
-        parse_targets(" , ", "--targets")
+    for empty in (" , ", "", "  ", []):
+        with pytest.raises(QpeftError, match=re.escape("--targets is empty: name layers")):
+            parse_targets(empty, "--targets")
 
 
 @pytest.mark.parametrize("targets", [("q_proj", "mlp.up_proj"), ("q_proj", "odd+name"), r".*\.q_proj"])

@@ -45,7 +45,7 @@ def parse_targets(value: str | Sequence[str] | None, what: str) -> Targets | Non
     names the flag or recipe key in it)."""
     if value is None:
         return None
-    if isinstance(value, str) and (value.strip() == ALL_LINEAR or not _NAMES.fullmatch(value)):
+    if isinstance(value, str) and value.strip() and (value.strip() == ALL_LINEAR or not _NAMES.fullmatch(value)):
         if value.strip() == ALL_LINEAR:
             return ALL_LINEAR
         try:
