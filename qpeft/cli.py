@@ -45,6 +45,18 @@ def _add_targets_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_task_arg(parser: argparse.ArgumentParser) -> None:
+    from qpeft.models.skeleton import TASKS
+
+    parser.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default=None,
+        help="the model class to build, as transformers' auto classes do (default: config.json's architectures; "
+        "a head-less checkpoint, such as a BertModel's, is feature-extraction)",
+    )
+
+
 def _add_unquantized_arg(parser: argparse.ArgumentParser) -> None:
     from qpeft.io.checkpoint import UNQUANTIZED_DTYPES
 
@@ -108,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--config", default="nf4", help="preset (nf4, nf3, nf2, nf8) or e.g. nf4-b64-s8x256-fp32")
     quant.add_argument("--out", required=True, type=Path, help="output checkpoint directory (must not exist)")
     _add_targets_arg(quant)
+    _add_task_arg(quant)
     _add_unquantized_arg(quant)
     quant.add_argument("--device", default="cpu", help="device for the quantization work (cpu, cuda)")
 
@@ -173,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dec.add_argument("--out", required=True, type=Path, help="output checkpoint directory (must not exist)")
     _add_targets_arg(dec)
+    _add_task_arg(dec)
     _add_unquantized_arg(dec)
     dec.add_argument("--device", default="cpu", help="device for the decomposition work (cpu, cuda)")
     dec.add_argument("--seed", type=int, default=0, help="seed of the randomized SVDs (default: 0)")
@@ -402,6 +416,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(row))
         return
+    if row["ppl"] is None:
+        print(row["note"])
+        return
     print(f"{'model':<40} {'data':<12} {'dtype':<6} {'ppl':>10} {'tokens':>9} {'windows':>8} {'seconds':>8}")
     print(
         f"{row['model'][-40:]:<40} {Path(row['data']).name[:12]:<12} {row['dtype']:<6} {row['ppl']:>10.4f} "
@@ -468,6 +485,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     budget = _budget_text(s)
     print(f"method        {manifest.get('method')}" + (f", {budget}" if budget else ""))
     print(f"base model    {base.get('source') or base.get('path')}")
+    architecture = (json.loads((args.checkpoint / "config.json").read_text()).get("architectures") or ["?"])[0]
+    print(f"task          {manifest.get('task', 'causal-lm')} ({architecture})")
     print(f"matrices      {s['matrices']} ({s['params']:,} parameters)")
     print(f"Q bits/param  {s['bits_per_param']:.4f}")
     if "bits_with_adapter" in s:

@@ -158,7 +158,7 @@ def _row_costs(method: Method, name: str, w: torch.Tensor, grid: Sequence[QuantC
 
 
 def compute_cost_table(
-    model_dir: Path,
+    weights: SafetensorsWeights,
     names: Sequence[str],
     numel: Sequence[int],
     grid: Sequence[QuantConfig],
@@ -184,7 +184,6 @@ def compute_cost_table(
     size = dict(zip(names, numel, strict=True))
     todo = sorted((n for n in names if n not in finished), key=lambda n: -size[n])
     counter = SharedCounter(work / "cost-table-next")
-    weights = SafetensorsWeights(model_dir)
     done = len(names) - len(todo)
     with (
         shard.open("a") as out,

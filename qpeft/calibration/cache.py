@@ -73,12 +73,12 @@ def _settings(
 def _model_and_batches(model_dir: Path, settings: dict[str, Any], text: str, device: str):
     from transformers import AutoTokenizer
 
-    from qpeft.calibration.stream import LayerwiseLM
+    from qpeft.calibration.stream import layerwise_model
     from qpeft.eval.perplexity import tokenize
 
     ids = tokenize(AutoTokenizer.from_pretrained(model_dir), text)
     batches = calibration_batches(ids, settings["sequences"], settings["seqlen"], settings["seed"])
-    return LayerwiseLM(model_dir, TORCH_DTYPES[settings["dtype"]], device), batches
+    return layerwise_model(model_dir, TORCH_DTYPES[settings["dtype"]], device), batches
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ def empirical_fisher(
     on_forward_layer: Callable[[int], None] | None = None,
 ) -> FisherStats:
     """Fisher row/column means (and with `elementwise` the full diagonal) of the
-    linear layers `names` of a causal LM streamed layer by layer, over the rows of
+    linear layers `names` of a causal or masked LM streamed layer by layer, over the rows of
     `batches` (num_sequences × seqlen token ids). `on_forward_layer(i)` runs after
     layer i has seen every sequence in the forward sweep (e.g. a `GramCollector`'s)."""
     modules = {name: lm.model.get_submodule(name) for name in names}

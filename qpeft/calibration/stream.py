@@ -1,4 +1,4 @@
-"""A causal LM run one decoder layer at a time, its weights streamed from safetensors.
+"""A causal or masked LM run one layer at a time, its weights streamed from safetensors.
 
 Calibration needs forward passes (the input Gram matrices) and backward passes (the
 Fisher) through the whole model, but never all of its weights at once. The hidden
@@ -14,9 +14,11 @@ LLaMA-2-70B: 43 GB). Compute is a third more than one whole-model forward and
 backward, for the recomputed forward.
 
 Supported: LLaMA-style decoders (`model.embed_tokens`, `model.layers`, `model.norm`,
-`model.rotary_emb`, `lm_head`: LLaMA, Mistral, Qwen2, ...). Attention runs through
-SDPA with its causal flag, which is exact for the unpadded full-length windows that
-calibration uses.
+`model.rotary_emb`, `lm_head`: LLaMA, Mistral, Qwen2, ...) with their next-token
+loss, and BERT-style encoders with a masked-LM head (`LayerwiseMaskedLM`: BERT,
+RoBERTa) with BERT's masked-LM loss. Attention runs through SDPA without a mask,
+causal where the model's attention is, which is exact for the unpadded full-length
+windows that calibration uses.
 """
 
 from __future__ import annotations
@@ -33,64 +35,88 @@ from tqdm.auto import tqdm
 
 from qpeft.distributed import is_main_process
 from qpeft.errors import QpeftError
-from qpeft.models.weights import SafetensorsWeights
 
 
 class LayerwiseLM:
     """A model directory's causal LM with parameters on the meta device except the
-    ones outside the decoder layers; `loaded(i)` materialises decoder layer i."""
+    ones outside the decoder layers; `loaded(i)` materialises decoder layer i.
+    `layerwise_model` picks this class or `LayerwiseMaskedLM` by the model's task."""
+
+    layers_prefix = "model.layers"
 
     def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
-        from qpeft.models.skeleton import build_skeleton
+        from qpeft.models.skeleton import build_skeleton, model_weights, tied_keys
 
-        # SDPA: mask-free causal attention (see the module docstring)
-        self.model = build_skeleton(model_dir, dtype, attn_implementation="sdpa").requires_grad_(False)
-        config = self.model.config
+        # SDPA: mask-free attention, causal where the model's attention is (see the module docstring)
+        self.model = (
+            build_skeleton(model_dir, dtype, attn_implementation="sdpa").requires_grad_(False).eval()
+        )  # eval: no dropout (BERT: 0.1)
         self.dtype, self.device = dtype, torch.device(device)
-        self.weights = SafetensorsWeights(model_dir)
-        base = getattr(self.model, "model", None)
-        parts = ("embed_tokens", "layers", "norm", "rotary_emb")
-        if base is None or not all(hasattr(base, p) for p in parts) or not hasattr(self.model, "lm_head"):
-            raise QpeftError(
-                f"{type(self.model).__name__}: layer-wise calibration supports LLaMA-style decoders "
-                "(model.embed_tokens, model.layers, model.norm, model.rotary_emb, lm_head)"
-            )
-        self.base = base
-        self.layers: nn.ModuleList = base.layers
-        self.base.rotary_emb.to(self.device)
-        for name in ("model.embed_tokens", "model.norm"):
-            self._materialise(name)
-        if "lm_head.weight" in self.weights.weight_map:
-            self._materialise("lm_head")
-        elif getattr(config, "tie_word_embeddings", False):
-            self.model.lm_head.weight = self.base.embed_tokens.weight
-        else:
-            raise QpeftError(f"{model_dir}: no lm_head.weight and the embeddings are not tied")
+        self.weights = model_weights(model_dir, self.model)
+        self.layers: nn.ModuleList = self._check_layout(model_dir)
+        tied = {}
+        for key, _ in self.model.named_parameters():  # everything outside the layers stays on the device
+            if key.startswith(f"{self.layers_prefix}."):
+                continue
+            if key in self.weights.weight_map:
+                self._set(key, self.weights.tensor(key).to(self.dtype))
+            elif key in tied_keys(self.model):
+                tied[key] = self.model.all_tied_weights_keys[key]
+            else:
+                raise QpeftError(f"{model_dir}: {key} is not in the weights and is tied to no other tensor")
+        for key, source in tied.items():  # a tied head: the very tensor it is tied to
+            parent, _, attr = key.rpartition(".")
+            setattr(self.model.get_submodule(parent), attr, self.model.get_parameter(source))
 
-    def _materialise(self, prefix: str) -> None:
-        module = self.model.get_submodule(prefix)
-        for name, _ in module.named_parameters():
-            key = f"{prefix}.{name}"
-            if key not in self.weights.weight_map:
-                raise QpeftError(f"{self.weights.model_dir}: {key} is not in the weights")
-            value = self.weights.tensor(key).to(self.dtype)
-            set_module_tensor_to_device(self.model, key, self.device, value=value)
+    def _check_layout(self, model_dir: Path) -> nn.ModuleList:
+        from qpeft.models.skeleton import model_task
+
+        self.base = getattr(self.model, "model", None)
+        parts = ("embed_tokens", "layers", "norm", "rotary_emb")
+        if self.base is None or not all(hasattr(self.base, p) for p in parts) or not hasattr(self.model, "lm_head"):
+            raise QpeftError(
+                f"{type(self.model).__name__} ({model_task(model_dir)}): calibration (Fisher, GPTQ, activations) "
+                "runs layer by layer through LLaMA-style causal LMs (model.embed_tokens, model.layers, model.norm, "
+                "model.rotary_emb, lm_head) and BERT-style masked LMs, and needs their loss: use --no-fisher and "
+                "--rounding nearest"
+            )
+        self.base.rotary_emb.to(self.device)
+        return self.base.layers
+
+    def _set(self, key: str, value: torch.Tensor | None) -> None:
+        set_module_tensor_to_device(self.model, key, self.device if value is not None else "meta", value=value)
 
     @contextlib.contextmanager
     def loaded(self, index: int) -> Iterator[nn.Module]:
-        """Decoder layer `index` with its weights on the device; back to meta after."""
-        prefix = f"model.layers.{index}"
-        self._materialise(prefix)
+        """Layer `index` with its weights on the device; back to meta after."""
+        prefix = f"{self.layers_prefix}.{index}"
+        for name, _ in self.layers[index].named_parameters():
+            self._set(f"{prefix}.{name}", self.weights.tensor(f"{prefix}.{name}").to(self.dtype))
         try:
             yield self.layers[index]
         finally:
             for name, _ in self.layers[index].named_parameters():
-                set_module_tensor_to_device(self.model, f"{prefix}.{name}", "meta")
+                self._set(f"{prefix}.{name}", None)
 
     def linear_names(self, index: int, names: list[str]) -> list[str]:
-        """Those of `names` that belong to decoder layer `index`."""
-        prefix = f"model.layers.{index}."
+        """Those of `names` that belong to layer `index`."""
+        prefix = f"{self.layers_prefix}.{index}."
         return [n for n in names if n.startswith(prefix)]
+
+    def _inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        """What the layers see of token ids (sequences × seqlen): a causal LM all of
+        them, a masked LM its masked copy."""
+        return ids
+
+    def _targets(self, ids: torch.Tensor) -> torch.Tensor:
+        """The token each position of `_logits` predicts (-100: none)."""
+        return ids[:, 1:]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.base.norm(hidden))[:, :-1]
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embed_tokens(ids)
 
     def _run_layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(hidden.shape[1], device=self.device).unsqueeze(0)
@@ -113,8 +139,8 @@ class LayerwiseLM:
         """Hidden states at the layer boundaries for token ids (sequences × seqlen):
         all of them (entering layer 0 … leaving the last) with `keep`, else only the
         last. `on_layer(i)` runs after layer i has seen every sequence."""
-        batches = self._batches(ids.shape[0], batch_size)
-        hidden = torch.cat([self.base.embed_tokens(ids[b].to(self.device)).cpu() for b in batches])
+        batches, ids = self._batches(ids.shape[0], batch_size), self._inputs(ids)
+        hidden = torch.cat([self._embed(ids[b].to(self.device)).cpu() for b in batches])
         states = [hidden]
         for index in tqdm(
             range(len(self.layers)), desc=progress, unit="layer", disable=progress is None or not is_main_process()
@@ -127,15 +153,17 @@ class LayerwiseLM:
         return states
 
     def sequence_loss_grad(self, last: torch.Tensor, ids: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
-        """∂/∂h of Σ_s (mean next-token NLL of sequence s), h the last layer's output:
-        each sequence's own loss gradient, unscaled by the others."""
-        grads = []
+        """∂/∂h of Σ_s (mean NLL of sequence s's predicted tokens: the next token of a
+        causal LM, the masked ones of a masked LM), h the last layer's output: each
+        sequence's own loss gradient, unscaled by the others."""
+        grads, all_targets = [], self._targets(ids)
         for b in self._batches(ids.shape[0], batch_size):
             hidden = last[b].to(self.device).requires_grad_(True)
-            logits = self.model.lm_head(self.base.norm(hidden))[:, :-1]
-            targets = ids[b, 1:].to(self.device)
+            logits, targets = self._logits(hidden), all_targets[b].to(self.device)
             nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-            nll.view(hidden.shape[0], -1).mean(dim=1).sum().backward()
+            nll = nll.view(hidden.shape[0], -1)
+            predicted = (targets != -100).sum(dim=1).clamp(min=1)
+            (nll.sum(dim=1) / predicted).sum().backward()
             grads.append(hidden.grad.cpu())
         return torch.cat(grads)
 
@@ -164,3 +192,88 @@ class LayerwiseLM:
                     self._run_layer(layer, hidden).backward(grad[b].to(self.device))
                     next_grad.append(hidden.grad.cpu())
             grad = torch.cat(next_grad)
+
+
+class LayerwiseMaskedLM(LayerwiseLM):
+    """A BERT-style masked LM (`<prefix>.embeddings`, `<prefix>.encoder.layer`, one
+    head module beside the base: BERT's `cls`, RoBERTa's `lm_head`) run layer by
+    layer. Its loss is BERT's masked-LM objective (Devlin et al. 2019, §3.1): 15% of
+    the positions, at least one per sequence, are predicted; of those 80% are
+    replaced by the mask token, 10% by a random token, 10% left as they are. The
+    choice is drawn from a fixed seed over all the sequences at once, so the forward
+    sweep (and the input Grams it collects) and the loss agree."""
+
+    mask_rate, seed = 0.15, 0
+
+    def _check_layout(self, model_dir: Path) -> nn.ModuleList:
+        from transformers import AutoTokenizer
+
+        prefix = self.model.base_model_prefix
+        self.base = getattr(self.model, prefix, None)
+        heads = [module for name, module in self.model.named_children() if name != prefix]
+        encoder = getattr(self.base, "encoder", None)
+        if (
+            self.base is None
+            or not hasattr(self.base, "embeddings")
+            or not hasattr(encoder, "layer")
+            or len(heads) != 1
+        ):
+            raise QpeftError(
+                f"{type(self.model).__name__}: layer-wise masked-LM calibration needs BERT's layout "
+                f"({prefix}.embeddings, {prefix}.encoder.layer, one head)"
+            )
+        self.head = heads[0]
+        self.layers_prefix = f"{prefix}.encoder.layer"
+        self.mask_token_id = AutoTokenizer.from_pretrained(model_dir).mask_token_id
+        if self.mask_token_id is None:
+            raise QpeftError(f"{model_dir}: the tokenizer has no mask token, which the masked-LM loss needs")
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        for name, buffer in self.base.embeddings.named_buffers():  # position and token-type ids
+            set_module_tensor_to_device(self.base.embeddings, name, self.device, value=buffer)
+        return encoder.layer
+
+    def _draw(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the masked copy of `ids`, which positions are predicted)."""
+        if self.max_positions is not None and ids.shape[1] > self.max_positions:
+            raise QpeftError(
+                f"--calib-seqlen {ids.shape[1]} is longer than the model's context "
+                f"(max_position_embeddings {self.max_positions})"
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        scores = torch.rand(ids.shape, generator=generator)
+        predicted = scores < self.mask_rate
+        predicted[torch.arange(ids.shape[0]), scores.argmin(dim=1)] = True  # at least one per sequence
+        how = torch.rand(ids.shape, generator=generator)
+        random_ids = torch.randint(0, self.model.config.vocab_size, ids.shape, generator=generator)
+        masked = ids.clone()
+        masked[predicted & (how < 0.8)] = self.mask_token_id
+        swap = predicted & (how >= 0.8) & (how < 0.9)
+        masked[swap] = random_ids[swap]
+        return masked, predicted
+
+    def _inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._draw(ids)[0]
+
+    def _targets(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.where(self._draw(ids)[1], ids, -100)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embeddings(input_ids=ids)
+
+    def _run_layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        out = layer(hidden, attention_mask=None)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def layerwise_model(
+    model_dir: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> LayerwiseLM:
+    """The layer-wise runner of the model's task: `LayerwiseMaskedLM` for a masked
+    LM, `LayerwiseLM` (which names what it supports) for anything else."""
+    from qpeft.models.skeleton import model_task
+
+    runner = LayerwiseMaskedLM if model_task(model_dir) == "masked-lm" else LayerwiseLM
+    return runner(model_dir, dtype, device)

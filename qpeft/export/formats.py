@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from qpeft.errors import QpeftError
-from qpeft.export.gguf import export_gguf, gguf_holds
+from qpeft.export.gguf import check_gguf_config, export_gguf, gguf_holds
 from qpeft.export.hqq import export_hf_hqq, hqq_holds
 from qpeft.export.lora import write_peft_adapter
 from qpeft.export.transformers_dir import (
@@ -139,10 +139,13 @@ def export_peft(
 ) -> dict[str, Any]:
     factors, adapter_errors = adapter_factors(model, rank)
     base = manifest.get("base_model", {})
-    write_peft_adapter(out, factors, base.get("source") or base.get("path") or str(src))
+    task = manifest.get("task", "causal-lm")  # checkpoints before tasks were causal LMs
+    write_peft_adapter(out, factors, base.get("source") or base.get("path") or str(src), task=task)
     return {"adapter_rel_error": adapter_errors}
 
 
+# what a format checks of the checkpoint's config.json before anything is loaded
+CONFIG_CHECKS = {"gguf": check_gguf_config}
 EXPORTERS = {
     "hf-bnb": export_hf_bnb,
     "hf-hqq": export_hf_hqq,
@@ -197,6 +200,8 @@ def export_checkpoint(
         raise QpeftError(f"--rank must be positive, got {rank}")
     dtype = dtype or DEFAULT_DTYPES.get(to, "bf16")
     manifest = read_manifest(src)
+    if to in CONFIG_CHECKS:
+        CONFIG_CHECKS[to](json.loads((src / "config.json").read_text()))
     model = load_checkpoint(src)
     _check_requantization(model, to, requantize)
     torch_dtype = TORCH_DTYPES[dtype] if dtype else None

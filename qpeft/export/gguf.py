@@ -100,11 +100,21 @@ def head_permutation(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
+def check_gguf_config(config: dict[str, Any]) -> None:
+    """A one-line error unless `config` (a checkpoint's config.json) is a causal LM of
+    the llama architecture, the one model file `--to gguf` writes."""
+    model_type = config.get("model_type")
+    architecture = (config.get("architectures") or ["LlamaForCausalLM"])[0]
+    if model_type not in MODEL_TYPES or not architecture.endswith("ForCausalLM"):
+        raise QpeftError(
+            f"--to gguf writes llama-architecture causal LMs ({', '.join(MODEL_TYPES)}), not {architecture} "
+            f"({model_type})"
+        )
+
+
 def _hparams(config: dict[str, Any]) -> dict[str, Any]:
     """The llama-architecture hyperparameters of a transformers config.json."""
-    model_type = config.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise QpeftError(f"--to gguf writes llama-architecture models ({', '.join(MODEL_TYPES)}), not {model_type}")
+    check_gguf_config(config)
     heads = config["num_attention_heads"]
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
@@ -123,7 +133,7 @@ def _hparams(config: dict[str, Any]) -> dict[str, Any]:
         "vocab": config["vocab_size"],
         "rope": rope,
         "rope_type": rope_type,
-        "name": config.get("_model_name_or_path") or config.get("_name_or_path") or model_type,
+        "name": config.get("_model_name_or_path") or config.get("_name_or_path") or config.get("model_type"),
     }
 
 

@@ -60,12 +60,26 @@ def lora_factors(adapter: nn.Module, rank: int | None, seed: int = 0) -> LoraFac
     return LoraFactors(b, a, float(torch.linalg.norm(delta - b @ a)) / norm)
 
 
+# qpeft's task → peft's TaskType (None: peft's plain PeftModel, as for a masked LM)
+PEFT_TASK_TYPES = {
+    "causal-lm": "CAUSAL_LM",
+    "masked-lm": None,
+    "feature-extraction": "FEATURE_EXTRACTION",
+    "sequence-classification": "SEQ_CLS",
+}
+
+
 def write_peft_adapter(
-    out: Path, factors: dict[str, LoraFactors], base_model: str, dtype: torch.dtype = torch.bfloat16
+    out: Path,
+    factors: dict[str, LoraFactors],
+    base_model: str,
+    dtype: torch.dtype = torch.bfloat16,
+    task: str = "causal-lm",
 ) -> None:
     """A peft LoRA directory (adapter_config.json + adapter_model.safetensors) that
     `PeftModel.from_pretrained(model, out)` loads: lora_alpha = r, so peft's scaling
-    alpha / r is 1 and B·A is ΔW as given."""
+    alpha / r is 1 and B·A is ΔW as given. `task` (a `qpeft.models.skeleton.TASKS`
+    name) sets peft's task_type."""
     if not factors:
         raise QpeftError("the checkpoint has no adapters to export")
     ranks = {name: f.a.shape[0] for name, f in factors.items()}
@@ -77,7 +91,7 @@ def write_peft_adapter(
     others = {name: r for name, r in ranks.items() if r != rank}
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": PEFT_TASK_TYPES[task],
         "base_model_name_or_path": base_model,
         "r": rank,
         "lora_alpha": rank,

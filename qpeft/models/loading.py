@@ -12,7 +12,7 @@ from qpeft.errors import QpeftError
 from qpeft.io.checkpoint import is_checkpoint, iter_shards, read_manifest
 from qpeft.methods import build_adapter
 from qpeft.models.resolve import resolve_model
-from qpeft.models.skeleton import build_skeleton
+from qpeft.models.skeleton import TASKS, build_skeleton, model_task
 from qpeft.modules import QuantLinear
 from qpeft.quant import parse_config
 
@@ -27,12 +27,14 @@ def locate(spec: str | None) -> Path:
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """Load a located model directory or qpeft checkpoint for inference (eval mode)."""
+    """Load a located model directory or qpeft checkpoint for inference (eval mode),
+    as the class of its task (`qpeft.models.skeleton.model_task`)."""
     if is_checkpoint(path):
         return load_checkpoint(path, dtype, device)
-    from transformers import AutoModelForCausalLM
+    import transformers
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    auto_class = getattr(transformers, TASKS[model_task(path)])
+    return auto_class.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:

@@ -146,9 +146,15 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         (tmp / "qpeft_source.json").write_text(json.dumps({"gguf": str(gguf), "name": gguf.name}, indent=2))
 
 
-def copy_model_files(source: Path, dest: Path) -> None:
-    """Copy the config, generation config and tokenizer files of a model directory."""
+def copy_model_files(source: Path, dest: Path, architecture: str | None = None) -> None:
+    """Copy the config, generation config and tokenizer files of a model directory;
+    `architecture`: the class config.json's `architectures` names in the copy (the
+    class the copy's tensors are named for, as `save_pretrained` writes it)."""
     for path in source.iterdir():
         is_weights = path.suffix == ".safetensors" or path.name.endswith(".safetensors.index.json")
         if path.is_file() and not is_weights and path.suffix in (".json", ".txt", ".model", ".jinja"):
             shutil.copy2(path, dest / path.name)
+    if architecture is not None:
+        config = json.loads((dest / "config.json").read_text())
+        if config.get("architectures") != [architecture]:
+            (dest / "config.json").write_text(json.dumps(config | {"architectures": [architecture]}, indent=2) + "\n")

@@ -28,7 +28,8 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 
 
 class SafetensorsWeights:
-    """Tensor name → shard file of a model directory; tensors are read one at a time."""
+    """Tensor name → shard file of a model directory; tensors are read one at a time.
+    `renamed` gives a view under other names (a model class's own)."""
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = Path(model_dir)
@@ -43,16 +44,24 @@ class SafetensorsWeights:
             for file in files:
                 with safe_open(str(file), framework="pt") as handle:
                     self.weight_map.update(dict.fromkeys(handle.keys(), file.name))
+        self.stored_key = {key: key for key in self.weight_map}  # name here → key in the file
+
+    def renamed(self, stored_key: dict[str, str]) -> SafetensorsWeights:
+        """A view holding just the tensors `stored_key` names (new name → stored key)."""
+        view = object.__new__(SafetensorsWeights)
+        view.model_dir, view.stored_key = self.model_dir, dict(stored_key)
+        view.weight_map = {name: self.weight_map[key] for name, key in stored_key.items()}
+        return view
 
     def tensor(self, key: str) -> torch.Tensor:
         """One tensor, read from its shard."""
         with safe_open(str(self.model_dir / self.weight_map[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
+            return handle.get_tensor(self.stored_key[key])
 
     def stored_dtype(self, key: str) -> torch.dtype:
         """The dtype `key` is stored in, from its shard's header (no data read)."""
         with safe_open(str(self.model_dir / self.weight_map[key]), framework="pt") as handle:
-            return _SAFETENSORS_DTYPES[handle.get_slice(key).get_dtype()]
+            return _SAFETENSORS_DTYPES[handle.get_slice(self.stored_key[key]).get_dtype()]
 
     def _by_shard(self) -> dict[str, list[str]]:
         by_shard: dict[str, list[str]] = {}
@@ -69,4 +78,4 @@ class SafetensorsWeights:
         for shard, keys in self._by_shard().items():
             with safe_open(str(self.model_dir / shard), framework="pt") as handle:
                 for key in keys:
-                    yield key, handle.get_tensor(key)
+                    yield key, handle.get_tensor(self.stored_key[key])

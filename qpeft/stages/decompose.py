@@ -54,7 +54,7 @@ from qpeft.io.summary import HEATMAP_NAME, bits_heatmap, summarise, type_table
 from qpeft.methods import DEFAULT_METHOD, Method, check_rank, method_plugin
 from qpeft.models.resolve import copy_model_files
 from qpeft.models.selection import Targets, parse_targets, targets_json, targets_text
-from qpeft.models.skeleton import resolve_targets, stored_linear
+from qpeft.models.skeleton import open_stored, resolve_targets
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.quant import QuantConfig, dequantize, storage_bits
 from qpeft.stages.calibrate import CalibrationOptions
@@ -119,11 +119,13 @@ def plan_matrices(
     budget: Budget | None,
     ranks: Sequence[int] = (0,),
     adapter_bits: AdapterBits | None = None,
+    task: str | None = None,
 ) -> MatrixPlan:
     """The selected matrices and their stored bits; errors (before any slow stage) if
-    one is missing from the weights or the budget cannot be met or used whole (None:
-    one uniform config). A total budget counts the adapter's bits (`adapter_bits`)."""
-    shapes = stored_linear(model_dir, SafetensorsWeights(model_dir), targets)
+    the model (as `task`'s class) lacks a tensor or the budget cannot be met or used
+    whole (None: one uniform config). A total budget counts the adapter's bits
+    (`adapter_bits`)."""
+    shapes = open_stored(model_dir, task).linear(targets)
     names, numel = list(shapes), [rows * cols for rows, cols in shapes.values()]
     if budget is None and len(grid) != 1:
         raise QpeftError("give a bit budget, or a single config")
@@ -160,19 +162,21 @@ def decompose_model(
     source: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     unquantized_dtype: torch.dtype | None = None,
+    task: str | None = None,
 ) -> dict[str, Any] | None:
     """Run stages 2–4 (the method holds its calibration) and write the checkpoint to
     `out_dir`; `budget` None with a one-config `grid` and one rank puts every matrix
     under that config and rank. With several `ranks` the ILP picks each matrix's
-    (config, rank) pair under a total budget. Returns the manifest on rank 0, None on
-    the other ranks."""
+    (config, rank) pair under a total budget. `task`: the model's class (None:
+    config.json's). Returns the manifest on rank 0, None on the other ranks."""
     targets = resolve_targets(model_dir, targets)
     from qpeft.calibration.cache import model_fingerprint
 
     rank_id, world = rank_and_world()
     started = time.perf_counter()
-    weights = SafetensorsWeights(model_dir)
-    plan = plan_matrices(model_dir, targets, grid, budget, ranks, adapter_bits)
+    model = open_stored(model_dir, task)
+    weights = model.weights
+    plan = plan_matrices(model_dir, targets, grid, budget, ranks, adapter_bits, model.task)
     names, numel, bits = plan.names, plan.numel, plan.bits
     calibration = method_settings(method)
     costed = {k: v for k, v in calibration.items() if k not in method.split_only}
@@ -191,7 +195,7 @@ def decompose_model(
         if rank_id == 0:
             prepare_work_dir(work, settings, resume)
         barrier()
-        table = compute_cost_table(model_dir, names, numel, grid, settings, method, work, device)
+        table = compute_cost_table(weights, names, numel, grid, settings, method, work, device)
     if rank_id == 0 and table.names != list(names):
         raise QpeftError("the cost table's matrices are not the selected ones")
 
@@ -236,7 +240,7 @@ def decompose_model(
         return entry | ({} if uniform else {"table_cost": table_cost[name]})
 
     with atomic_directory(out_dir) as tmp:
-        copy_model_files(model_dir, tmp)
+        copy_model_files(model_dir, tmp, model.architecture)
         writer = ShardWriter(tmp, max_shard_bytes)
         matrices = stream_model(weights, writer, selected, split, "write", unquantized_dtype)
         matrices = {n: matrices[n] for n in names}
@@ -266,6 +270,7 @@ def decompose_model(
         manifest = {
             "method": method.name,
             "base_model": {"path": str(model_dir), "source": source or str(model_dir), "fingerprint": settings.model},
+            "task": model.task,
             "targets": targets_json(targets),
             "unquantized_dtype": dtype_name(unquantized_dtype),
             "settings": settings.as_dict()
@@ -332,6 +337,7 @@ class DecomposeRequest:
     resume: bool = False
     costs: Path | None = None
     unquantized_dtype: str = "source"
+    task: str | None = None  # None: config.json's architectures
 
     def __post_init__(self) -> None:
         self.plugin = method_plugin(self.method)
@@ -356,8 +362,9 @@ class DecomposeRequest:
             how += ["--rank", str(self.rank)]
         extra = ["--method", self.method, *self.plugin.command_flags(self.options)]
         targets = ["--targets", targets_text(parse_targets(self.targets, "--targets"))] if self.targets else []
+        task = ["--task", self.task] if self.task else []
         model = self.model or "smollm2"
-        return ["decompose", model, *how, "--out", str(self.out), *extra, *targets]
+        return ["decompose", model, *how, "--out", str(self.out), *extra, *targets, *task]
 
 
 def _check_decompose(request: DecomposeRequest) -> tuple[Budget | None, list[int]]:
@@ -423,7 +430,7 @@ def run_decompose(request: DecomposeRequest) -> dict[str, Any] | None:
     device = init_distributed(r.device)
     model_dir = resolve_model(r.model)
     # fail before the slow stages
-    plan = plan_matrices(model_dir, targets, grid, budget, ranks, r.plugin.adapter_bits)
+    plan = plan_matrices(model_dir, targets, grid, budget, ranks, r.plugin.adapter_bits, r.task)
     names, shapes = plan.names, plan.shapes
     check_rank(r.plugin, max(ranks), shapes, "--rank" if r.ranks is None else "--ranks")
     if r.resume and rank_and_world()[0] == 0:
@@ -447,4 +454,5 @@ def run_decompose(request: DecomposeRequest) -> dict[str, Any] | None:
         r.costs,
         r.model or "smollm2",
         unquantized_dtype=UNQUANTIZED_DTYPES[r.unquantized_dtype],
+        task=r.task,
     )

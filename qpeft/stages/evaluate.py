@@ -27,12 +27,15 @@ class EvalRequest:
 
 def run_eval(request: EvalRequest) -> dict[str, Any]:
     """Check the request (before loading the model), then evaluate; returns the row
-    `qpeft eval --json` prints: model, data, dtype and `PerplexityResult`'s fields."""
+    `qpeft eval --json` prints: model, data, dtype and `PerplexityResult`'s fields.
+    A model that is not a causal LM (an encoder, a head-less checkpoint) has no
+    perplexity: its row has `ppl` None and a `note` saying why."""
     import torch
     from transformers import AutoTokenizer
 
     from qpeft.eval.perplexity import count_windows, load_eval_text, perplexity, tokenize
     from qpeft.models.loading import load_model, locate
+    from qpeft.models.skeleton import model_task
     from qpeft.quant.config import TORCH_DTYPES
 
     r = request
@@ -43,6 +46,17 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     check_device(r.device)
     text = load_eval_text(r.data, r.text_file)
     path = locate(r.model)
+    task = model_task(path)
+    if task != "causal-lm":
+        architecture = (json.loads((path / "config.json").read_text()).get("architectures") or ["?"])[0]
+        note = f"perplexity: N/A: {architecture} is a {task} model; perplexity needs a causal LM's next-token head"
+        return {
+            "model": r.model or "smollm2",
+            "data": r.text_file or r.data,
+            "dtype": r.dtype,
+            "ppl": None,
+            "note": note,
+        }
     context = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
     if context is not None and r.seqlen > context:
         raise QpeftError(f"--seqlen {r.seqlen} is longer than the model's context (max_position_embeddings {context})")

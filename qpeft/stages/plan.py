@@ -189,7 +189,6 @@ def run_plan(request: PlanRequest) -> dict[str, Any]:
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import parse_targets
     from qpeft.models.skeleton import stored_linear
-    from qpeft.models.weights import SafetensorsWeights
     from qpeft.quant import parse_config
     from qpeft.stages.checks import positive
 
@@ -216,7 +215,7 @@ def run_plan(request: PlanRequest) -> dict[str, Any]:
     model_dir = resolve_model(r.model)
     body = json.loads((model_dir / "config.json").read_text())
     tensors = _tensor_table(model_dir)
-    shapes = stored_linear(model_dir, SafetensorsWeights(model_dir), parse_targets(r.targets, "--targets"))
+    shapes = stored_linear(model_dir, parse_targets(r.targets, "--targets"))
     numel = sum(a * b for a, b in shapes.values())
     adapter_params = sum(_adapter_params(r.method, r.rank, s) for s in shapes.values())
     # QLoRA's base stores no adapter; a decomposition's as its method stores it (QWHA: positions too)

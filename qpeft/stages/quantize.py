@@ -22,8 +22,7 @@ from qpeft.io.atomic import atomic_directory
 from qpeft.io.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, dtype_name, stream_model, write_manifest
 from qpeft.models.resolve import copy_model_files
 from qpeft.models.selection import Targets, parse_targets, targets_json, targets_text
-from qpeft.models.skeleton import resolve_targets, stored_linear
-from qpeft.models.weights import SafetensorsWeights
+from qpeft.models.skeleton import open_stored, resolve_targets
 from qpeft.quant import QuantConfig, bits_per_param, dequantize, quantize, storage_bits
 from qpeft.stages.checks import check_config_holds, check_device
 
@@ -54,21 +53,22 @@ def quantize_model(
     source: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     unquantized_dtype: torch.dtype | None = None,
+    task: str | None = None,
 ) -> dict[str, Any]:
-    """Write a qpeft checkpoint of `model_dir` with every selected matrix under `config`
-    (the other tensors as in the source, or in `unquantized_dtype`). Returns the
-    manifest."""
+    """Write a qpeft checkpoint of `model_dir` (built as `task`'s class, by default
+    config.json's) with every selected matrix under `config` (the other tensors as
+    in the source, or in `unquantized_dtype`). Returns the manifest."""
     start = time.perf_counter()
     targets = resolve_targets(model_dir, targets)
-    weights = SafetensorsWeights(model_dir)
-    shapes = stored_linear(model_dir, weights, targets)
+    model = open_stored(model_dir, task)
+    shapes = model.linear(targets)
     check_config_holds(config, shapes)
     selected = {f"{name}.weight": name for name in shapes}
     with atomic_directory(out_dir) as tmp:
-        copy_model_files(model_dir, tmp)
+        copy_model_files(model_dir, tmp, model.architecture)
         writer = ShardWriter(tmp, max_shard_bytes)
         matrices = stream_model(
-            weights,
+            model.weights,
             writer,
             selected,
             lambda name, tensor: _quantize_matrix(tensor.to(device), config, f"{name}.weight", writer),
@@ -80,6 +80,7 @@ def quantize_model(
         manifest = {
             "method": "quantize",
             "base_model": {"path": str(model_dir), "source": source or str(model_dir)},
+            "task": model.task,
             "targets": targets_json(targets),
             "unquantized_dtype": dtype_name(unquantized_dtype),
             "quantized": matrices,
@@ -112,11 +113,13 @@ class QuantizeRequest:
     targets: str | Sequence[str] | None = None  # `--targets` text or a recipe's list; None: the family's default
     device: str = "cpu"
     unquantized_dtype: str = "source"
+    task: str | None = None  # None: config.json's architectures
 
     def command(self) -> list[str]:
         """The `qpeft` command line that makes this request."""
         targets = ["--targets", targets_text(parse_targets(self.targets, "--targets"))] if self.targets else []
-        return ["quantize", self.model or "smollm2", "--config", self.config, "--out", str(self.out), *targets]
+        task = ["--task", self.task] if self.task else []
+        return ["quantize", self.model or "smollm2", "--config", self.config, "--out", str(self.out), *targets, *task]
 
 
 def run_quantize(request: QuantizeRequest) -> dict[str, Any]:
@@ -139,4 +142,5 @@ def run_quantize(request: QuantizeRequest) -> dict[str, Any]:
         request.device,
         source=request.model or "smollm2",
         unquantized_dtype=UNQUANTIZED_DTYPES[request.unquantized_dtype],
+        task=request.task,
     )

@@ -70,14 +70,13 @@ def check_method_inputs(recipe: Recipe) -> Path:
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import parse_targets
     from qpeft.models.skeleton import stored_linear
-    from qpeft.models.weights import SafetensorsWeights
 
     m = recipe.method
     if m.name == "checkpoint":
         return base_dir(recipe)
     model_dir = resolve_model(recipe.model)
     targets = parse_targets(m.targets, "recipe key method.targets")
-    shapes = stored_linear(model_dir, SafetensorsWeights(model_dir), targets)
+    shapes = stored_linear(model_dir, targets)
     if m.ranks is None:
         check_rank(METHODS.get(m.name, LowRankAdapter), m.rank, shapes, "recipe key method.rank")
     else:
