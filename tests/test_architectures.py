@@ -249,6 +249,8 @@ def test_llama_saved_as_llamamodel(tie, tmp_path, capsys):
     code, out, err = run(capsys, "eval", tmp_path / "c", "--seqlen", "64", "--max-windows", "2", "--json")
     assert code == 0, err
     assert json.loads(out)["ppl"] > 1
+    code, _, err = run(capsys, "decompose", model_dir, "--config", "nf3", "--rank", "4", "--out", tmp_path / "d")
+    assert_one_line_error(code, err, "LlamaModel (feature-extraction): calibration (Fisher, GPTQ, activations) runs")
 
 
 def test_qwen2_biased_qkv(tmp_path, capsys):
@@ -298,7 +300,36 @@ def test_qwen2_biased_qkv(tmp_path, capsys):
         got, want, packed_logits = merged(ids).logits, fp32(ids).logits, packed(ids).logits
     assert torch.allclose(got, packed_logits, atol=0.05)  # bf16 export of the same model
     assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+    calib = ["--calib-sequences", "4", "--calib-seqlen", "64"]  # Fisher and GPTQ, layer by layer
+    code, _, err = run(
+        capsys, "decompose", model_dir, "--config", "nf3", "--rank", "4", *calib, "--out", tmp_path / "f"
+    )
+    assert code == 0, err
+    assert torch.equal(
+        load_checkpoint(tmp_path / "f").model.layers[1].self_attn.k_proj.bias,
+        fp32.model.layers[1].self_attn.k_proj.bias,
+    )
     code, _, err = run(capsys, "export", tmp_path / "lq", "--to", "gguf", "--out", tmp_path / "g")
     assert_one_line_error(
         code, err, "--to gguf writes llama-architecture causal LMs (llama, mistral), not Qwen2ForCausalLM (qwen2)"
     )
+
+
+def test_train_refuses_an_encoder(bert_dir, tmp_path, capsys):
+    import yaml
+
+    text = tmp_path / "train.txt"
+    text.write_text("some words to train on\n" * 50)
+    recipe = {
+        "model": str(bert_dir),
+        "method": {"name": "qlora", "rank": 4},
+        "data": {"train": str(text), "eval": str(text), "seqlen": 32},
+        "train": {"steps": 2, "batch_size": 2, "dtype": "fp32"},
+        "output_dir": str(tmp_path / "out"),
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    code, _, err = run(capsys, "train", tmp_path / "r.yaml")
+    assert_one_line_error(
+        code, err, f"qpeft train fine-tunes causal LMs (next-token loss); {bert_dir} is a feature-extraction model"
+    )
+    assert not (tmp_path / "out" / "base").exists()
