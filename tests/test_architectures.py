@@ -181,7 +181,12 @@ def test_masked_lm_decompose_with_fisher_and_gptq(bert_mlm_dir, tmp_path, capsys
 
 def test_encoder_calibration_says_what_it_needs(bert_dir, tmp_path, capsys):
     code, _, err = run(capsys, "decompose", bert_dir, "--config", "nf3", "--rank", "4", "--out", tmp_path / "o")
-    assert_one_line_error(code, err, "BertModel (feature-extraction): calibration")
+    assert_one_line_error(
+        code,
+        err,
+        "BertModel (feature-extraction) has no masked-LM head, whose loss calibration (Fisher, GPTQ, activations) "
+        "needs: use the checkpoint with its head (…ForMaskedLM), or --no-fisher and --rounding nearest",
+    )
 
 
 def test_mlm_head_is_kept_and_dropped_by_task(bert_mlm_dir, tmp_path, capsys):
@@ -330,6 +335,15 @@ def test_train_refuses_an_encoder(bert_dir, tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     code, _, err = run(capsys, "train", tmp_path / "r.yaml")
     assert_one_line_error(
-        code, err, f"qpeft train fine-tunes causal LMs (next-token loss); {bert_dir} is a feature-extraction model"
+        code, err, f"training (next-token loss) needs a causal LM; {bert_dir} is a feature-extraction model (BertModel)"
     )
     assert not (tmp_path / "out" / "base").exists()
+
+
+def test_generate_and_plan_refuse_an_encoder(bert_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", bert_dir, "--prompt", "hi")
+    assert_one_line_error(
+        code, err, f"generation needs a causal LM; {bert_dir} is a feature-extraction model (BertModel)"
+    )
+    code, _, err = run(capsys, "plan", bert_dir, "--method", "qlora")
+    assert_one_line_error(code, err, "the memory plan (of a causal LM's training step) needs a causal LM")

@@ -74,6 +74,12 @@ class LayerwiseLM:
         self.base = getattr(self.model, "model", None)
         parts = ("embed_tokens", "layers", "norm", "rotary_emb")
         if self.base is None or not all(hasattr(self.base, p) for p in parts) or not hasattr(self.model, "lm_head"):
+            if hasattr(self.model.base_model, "encoder"):  # an encoder without its masked-LM head
+                raise QpeftError(
+                    f"{type(self.model).__name__} ({model_task(model_dir)}) has no masked-LM head, whose loss "
+                    "calibration (Fisher, GPTQ, activations) needs: use the checkpoint with its head (…ForMaskedLM), "
+                    "or --no-fisher and --rounding nearest"
+                )
             raise QpeftError(
                 f"{type(self.model).__name__} ({model_task(model_dir)}): calibration (Fisher, GPTQ, activations) "
                 "runs layer by layer through LLaMA-style causal LMs (model.embed_tokens, model.layers, model.norm, "

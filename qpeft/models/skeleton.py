@@ -63,6 +63,15 @@ def model_task(model_dir: Path, task: str | None = None) -> str:
     )
 
 
+def require_causal_lm(model_dir: Path, what: str) -> None:
+    """A one-line error unless `model_dir` (a model or a checkpoint) is a causal LM:
+    `what` (a stage) needs its next-token head."""
+    task = model_task(model_dir)
+    if task != "causal-lm":
+        architecture = (_config(model_dir).get("architectures") or ["?"])[0]
+        raise QpeftError(f"{what} needs a causal LM; {model_dir} is a {task} model ({architecture})")
+
+
 def build_skeleton(
     model_dir: Path, dtype: torch.dtype = torch.float32, task: str | None = None, **options: Any
 ) -> nn.Module:

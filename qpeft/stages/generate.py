@@ -93,11 +93,13 @@ def run_generate(request: GenerateRequest, stream: Callable[[str], None] | None 
     from transformers import AutoTokenizer, TextStreamer
 
     from qpeft.models.loading import load_model, locate
+    from qpeft.models.skeleton import require_causal_lm
     from qpeft.quant.config import TORCH_DTYPES
 
     r = request
     _check(r)
     path = locate(r.model)
+    require_causal_lm(path, "generation")
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = prompt_ids(tokenizer, r)
     dtype = TORCH_DTYPES[r.dtype or ("bf16" if torch.device(r.device).type == "cuda" else "fp32")]

@@ -188,7 +188,7 @@ def run_plan(request: PlanRequest) -> dict[str, Any]:
     from qpeft.methods import method_plugin
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import parse_targets
-    from qpeft.models.skeleton import stored_linear
+    from qpeft.models.skeleton import require_causal_lm, stored_linear
     from qpeft.quant import parse_config
     from qpeft.stages.checks import positive
 
@@ -213,6 +213,7 @@ def run_plan(request: PlanRequest) -> dict[str, Any]:
             raise QpeftError(f"qpeft plan: method {r.method} needs --config, --budget or --total-budget")
         config_name = "nf4"
     model_dir = resolve_model(r.model)
+    require_causal_lm(model_dir, "the memory plan (of a causal LM's training step)")
     body = json.loads((model_dir / "config.json").read_text())
     tensors = _tensor_table(model_dir)
     shapes = stored_linear(model_dir, parse_targets(r.targets, "--targets"))

@@ -61,17 +61,6 @@ def base_dir(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / BASE_DIR
 
 
-def _check_causal_lm(path: Path) -> None:
-    """Training's loss is the next-token loss: a one-line error for an encoder or a
-    head-less checkpoint."""
-    from qpeft.models.skeleton import model_task
-
-    if is_checkpoint(path) or (Path(path) / "config.json").is_file():
-        task = model_task(path)
-        if task != "causal-lm":
-            raise QpeftError(f"qpeft train fine-tunes causal LMs (next-token loss); {path} is a {task} model")
-
-
 def check_method_inputs(recipe: Recipe) -> Path:
     """Check what the base will be made from before anything is made: the model, the
     targets, and the rank against every selected matrix. Returns the directory whose
@@ -80,14 +69,15 @@ def check_method_inputs(recipe: Recipe) -> Path:
     from qpeft.methods import METHODS, check_rank
     from qpeft.models.resolve import resolve_model
     from qpeft.models.selection import parse_targets
-    from qpeft.models.skeleton import stored_linear
+    from qpeft.models.skeleton import require_causal_lm, stored_linear
 
     m = recipe.method
     if m.name == "checkpoint":
-        _check_causal_lm(base_dir(recipe))
+        if is_checkpoint(base_dir(recipe)):
+            require_causal_lm(base_dir(recipe), "training (next-token loss)")
         return base_dir(recipe)
     model_dir = resolve_model(recipe.model)
-    _check_causal_lm(model_dir)
+    require_causal_lm(model_dir, "training (next-token loss)")
     targets = parse_targets(m.targets, "recipe key method.targets")
     shapes = stored_linear(model_dir, targets)
     if m.ranks is None:
