@@ -132,6 +132,16 @@ ROWS: list[BadInput] = [
         "no linear layer matches the targets ['qproj'] (peft's target_modules rules: a list of names, each matching a module named so or ending with .NAME, or one regular expression of the whole name); this model's linear layers: model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj, model.layers.0.self_attn.o_proj, model.layers.0.mlp.gate_proj, model.layers.0.mlp.up_proj, model.layers.0.mlp.down_proj, model.layers.1.self_attn.q_proj, model.layers.1.self_attn.k_proj, model.layers.1.self_attn.v_proj … (15 in all)",
     ),
     _row(
+        "--task whose head the checkpoint lacks",
+        "quantize {tiny} --task sequence-classification --out {tmp}/o",
+        "{tiny}: a sequence-classification model (LlamaForSequenceClassification) needs tensors the checkpoint lacks: score.weight (the checkpoint's own class, LlamaForCausalLM, is a causal-lm model)",
+    ),
+    _row(
+        "--task the family has no class for",
+        "quantize {tiny} --task masked-lm --out {tmp}/o",
+        "{tiny}: transformers has no masked-lm class for llama (AutoModelForMaskedLM)",
+    ),
+    _row(
         "not a GGUF file",
         "quantize {tmp}/fake.gguf --out {tmp}/o",
         "cannot read GGUF file {tmp}/fake.gguf: not a GGUF file (it does not begin with the bytes GGUF)",

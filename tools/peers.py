@@ -41,8 +41,7 @@ from tqdm.auto import tqdm
 from qpeft.io.atomic import atomic_directory
 from qpeft.models.resolve import copy_model_files, resolve_model
 from qpeft.models.selection import DEFAULT_TARGETS
-from qpeft.models.skeleton import stored_linear
-from qpeft.models.weights import SafetensorsWeights
+from qpeft.models.skeleton import open_stored
 
 PEER_FILE = "peer.json"
 LORA_BITS = 16  # B, A stored in bf16, as qpeft stores its adapters
@@ -110,8 +109,9 @@ def loftq_matrix(weight: torch.Tensor, rank: int, iters: int) -> tuple[torch.Ten
 
 def write_peer(model_dir: Path, out: Path, peer: MatrixPeer, label: str) -> dict:
     """Write the peer's model to `out` (atomically) and return its peer.json."""
-    weights = SafetensorsWeights(model_dir)
-    selected = {f"{name}.weight" for name in stored_linear(model_dir, weights, DEFAULT_TARGETS)}
+    model = open_stored(model_dir)  # the tensors under the model class's names
+    weights = model.weights
+    selected = {f"{name}.weight" for name in model.linear(DEFAULT_TARGETS)}
     tensors, numel, q_bits, adapter_bits = {}, 0, 0, 0
     for key, tensor in tqdm(weights.items(), total=len(weights.weight_map), desc=label, unit="tensor"):
         if key in selected:

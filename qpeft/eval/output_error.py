@@ -15,7 +15,7 @@ import torch
 
 from qpeft.calibration.activations import InputGrams
 from qpeft.models.loading import load_checkpoint
-from qpeft.models.skeleton import model_weights
+from qpeft.models.skeleton import build_skeleton, model_weights
 from qpeft.modules import QuantLinear
 
 
@@ -36,7 +36,7 @@ def output_errors(checkpoint: Path, model_dir: Path, grams: InputGrams) -> Outpu
     model = load_checkpoint(checkpoint)
     layers = {f"{n}.weight": (n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     per_matrix, error_sum, output_sum = {}, 0.0, 0.0
-    for key, weight in model_weights(model_dir, model).items():
+    for key, weight in model_weights(model_dir, build_skeleton(checkpoint)).items():
         if key not in layers:
             continue
         name, layer = layers[key]

@@ -81,12 +81,15 @@ def build_skeleton(
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
-    auto_class = getattr(transformers, TASKS[model_task(model_dir, task)])
+    task = model_task(model_dir, task)
+    auto_class = getattr(transformers, TASKS[task])
     with init_empty_weights(include_buffers=False):
         try:
             return auto_class.from_config(config, dtype=dtype, **options)
-        except ValueError as exc:  # a family without this task's class
-            raise QpeftError(f"{model_dir}: {config.model_type} has no {auto_class.__name__} class ({exc})") from None
+        except ValueError:  # a family without this task's class
+            raise QpeftError(
+                f"{model_dir}: transformers has no {task} class for {config.model_type} ({auto_class.__name__})"
+            ) from None
 
 
 def tied_keys(model: nn.Module) -> set[str]:
