@@ -59,19 +59,22 @@ def bert_mlm_dir(tmp_path_factory):
     return path
 
 
+# a tiny decoder's widths (LLaMA and Qwen2 alike)
+DECODER_WIDTHS = {
+    "vocab_size": 384,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
 def _llama_config(tie: bool):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=384,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie,
-    )
+    return LlamaConfig(**DECODER_WIDTHS, tie_word_embeddings=tie)
 
 
 def _mean_pooled(model, ids):
@@ -262,16 +265,7 @@ def test_qwen2_biased_qkv(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(3)
-    config = Qwen2Config(
-        vocab_size=384,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
+    config = Qwen2Config(**DECODER_WIDTHS, tie_word_embeddings=True)
     fp32 = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
         for layer in fp32.model.layers:  # random init leaves biases at zero
