@@ -469,6 +469,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from qpeft.io.checkpoint import is_checkpoint, read_manifest, verify_checkpoint
     from qpeft.io.summary import bit_averages, format_type_table, type_table
+    from qpeft.models.skeleton import model_architecture
 
     if not is_checkpoint(args.checkpoint):
         raise QpeftError(f"{args.checkpoint} is not a qpeft checkpoint (no qpeft_manifest.json)")
@@ -485,8 +486,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     budget = _budget_text(s)
     print(f"method        {manifest.get('method')}" + (f", {budget}" if budget else ""))
     print(f"base model    {base.get('source') or base.get('path')}")
-    architecture = (json.loads((args.checkpoint / "config.json").read_text()).get("architectures") or ["?"])[0]
-    print(f"task          {manifest.get('task', 'causal-lm')} ({architecture})")
+    print(f"task          {manifest.get('task', 'causal-lm')} ({model_architecture(args.checkpoint)})")
     print(f"matrices      {s['matrices']} ({s['params']:,} parameters)")
     print(f"Q bits/param  {s['bits_per_param']:.4f}")
     if "bits_with_adapter" in s:

@@ -45,7 +45,7 @@ class LayerwiseLM:
     layers_prefix = "model.layers"
 
     def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
-        from qpeft.models.skeleton import build_skeleton, model_weights, tied_keys
+        from qpeft.models.skeleton import build_skeleton, model_weights
 
         # SDPA: mask-free attention, causal where the model's attention is (see the module docstring)
         self.model = (
@@ -54,14 +54,15 @@ class LayerwiseLM:
         self.dtype, self.device = dtype, torch.device(device)
         self.weights = model_weights(model_dir, self.model)
         self.layers: nn.ModuleList = self._check_layout(model_dir)
+        tied_to = getattr(self.model, "all_tied_weights_keys", None) or {}  # a tied key → its source
         tied = {}
         for key, _ in self.model.named_parameters():  # everything outside the layers stays on the device
             if key.startswith(f"{self.layers_prefix}."):
                 continue
             if key in self.weights.weight_map:
                 self._set(key, self.weights.tensor(key).to(self.dtype))
-            elif key in tied_keys(self.model):
-                tied[key] = self.model.all_tied_weights_keys[key]
+            elif key in tied_to:
+                tied[key] = tied_to[key]
             else:
                 raise QpeftError(f"{model_dir}: {key} is not in the weights and is tied to no other tensor")
         for key, source in tied.items():  # a tied head: the very tensor it is tied to

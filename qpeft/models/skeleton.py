@@ -44,6 +44,11 @@ def _config(model_dir: Path) -> dict[str, Any]:
     return json.loads((Path(model_dir) / "config.json").read_text())
 
 
+def model_architecture(model_dir: Path) -> str:
+    """config.json's first `architectures` entry ("?" where it names none)."""
+    return (_config(model_dir).get("architectures") or ["?"])[0]
+
+
 def model_task(model_dir: Path, task: str | None = None) -> str:
     """`task` (checked against `TASKS`), else the task of config.json's first
     `architectures` entry; a config without one is a causal LM."""
@@ -68,8 +73,7 @@ def require_causal_lm(model_dir: Path, what: str) -> None:
     `what` (a stage) needs its next-token head."""
     task = model_task(model_dir)
     if task != "causal-lm":
-        architecture = (_config(model_dir).get("architectures") or ["?"])[0]
-        raise QpeftError(f"{what} needs a causal LM; {model_dir} is a {task} model ({architecture})")
+        raise QpeftError(f"{what} needs a causal LM; {model_dir} is a {task} model ({model_architecture(model_dir)})")
 
 
 def build_skeleton(
@@ -147,13 +151,14 @@ def open_stored(model_dir: Path, task: str | None = None) -> StoredModel:
     task = model_task(model_dir, task)
     skeleton = build_skeleton(model_dir, task=task)
     weights = model_weights(model_dir, skeleton)
-    needed = [k for k in skeleton.state_dict() if k not in tied_keys(skeleton)]
+    tied = tied_keys(skeleton)
+    needed = [k for k in skeleton.state_dict() if k not in tied]
     absent = [k for k in needed if k not in weights.weight_map]
     if absent:
         own = model_task(model_dir)
         hint = "a checkpoint without that head: --task feature-extraction" if task != "feature-extraction" else ""
         if own != task:
-            hint = f"the checkpoint's own class, {_config(model_dir)['architectures'][0]}, is a {own} model"
+            hint = f"the checkpoint's own class, {model_architecture(model_dir)}, is a {own} model"
         raise QpeftError(
             f"{model_dir}: a {task} model ({type(skeleton).__name__}) needs tensors the checkpoint lacks: "
             f"{', '.join(absent[:3])}{' …' if len(absent) > 3 else ''}" + (f" ({hint})" if hint else "")

@@ -54,7 +54,7 @@ from qpeft.io.summary import HEATMAP_NAME, bits_heatmap, summarise, type_table
 from qpeft.methods import DEFAULT_METHOD, Method, check_rank, method_plugin
 from qpeft.models.resolve import copy_model_files
 from qpeft.models.selection import Targets, parse_targets, targets_json, targets_text
-from qpeft.models.skeleton import open_stored, resolve_targets
+from qpeft.models.skeleton import StoredModel, open_stored, resolve_targets
 from qpeft.models.weights import SafetensorsWeights
 from qpeft.quant import QuantConfig, dequantize, storage_bits
 from qpeft.stages.calibrate import CalibrationOptions
@@ -113,19 +113,17 @@ class MatrixPlan:
 
 
 def plan_matrices(
-    model_dir: Path,
+    model: StoredModel,
     targets: Targets | None,
     grid: Sequence[QuantConfig],
     budget: Budget | None,
     ranks: Sequence[int] = (0,),
     adapter_bits: AdapterBits | None = None,
-    task: str | None = None,
 ) -> MatrixPlan:
-    """The selected matrices and their stored bits; errors (before any slow stage) if
-    the model (as `task`'s class) lacks a tensor or the budget cannot be met or used
-    whole (None: one uniform config). A total budget counts the adapter's bits
-    (`adapter_bits`)."""
-    shapes = open_stored(model_dir, task).linear(targets)
+    """`model`'s selected matrices and their stored bits; errors (before any slow
+    stage) if the budget cannot be met or used whole (None: one uniform config). A
+    total budget counts the adapter's bits (`adapter_bits`)."""
+    shapes = model.linear(targets)
     names, numel = list(shapes), [rows * cols for rows, cols in shapes.values()]
     if budget is None and len(grid) != 1:
         raise QpeftError("give a bit budget, or a single config")
@@ -176,7 +174,7 @@ def decompose_model(
     started = time.perf_counter()
     model = open_stored(model_dir, task)
     weights = model.weights
-    plan = plan_matrices(model_dir, targets, grid, budget, ranks, adapter_bits, model.task)
+    plan = plan_matrices(model, targets, grid, budget, ranks, adapter_bits)
     names, numel, bits = plan.names, plan.numel, plan.bits
     calibration = method_settings(method)
     costed = {k: v for k, v in calibration.items() if k not in method.split_only}
@@ -430,7 +428,7 @@ def run_decompose(request: DecomposeRequest) -> dict[str, Any] | None:
     device = init_distributed(r.device)
     model_dir = resolve_model(r.model)
     # fail before the slow stages
-    plan = plan_matrices(model_dir, targets, grid, budget, ranks, r.plugin.adapter_bits, r.task)
+    plan = plan_matrices(open_stored(model_dir, r.task), targets, grid, budget, ranks, r.plugin.adapter_bits)
     names, shapes = plan.names, plan.shapes
     check_rank(r.plugin, max(ranks), shapes, "--rank" if r.ranks is None else "--ranks")
     if r.resume and rank_and_world()[0] == 0:

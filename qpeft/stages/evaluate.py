@@ -35,7 +35,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
 
     from qpeft.eval.perplexity import count_windows, load_eval_text, perplexity, tokenize
     from qpeft.models.loading import load_model, locate
-    from qpeft.models.skeleton import model_task
+    from qpeft.models.skeleton import model_architecture, model_task
     from qpeft.quant.config import TORCH_DTYPES
 
     r = request
@@ -48,8 +48,10 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     path = locate(r.model)
     task = model_task(path)
     if task != "causal-lm":
-        architecture = (json.loads((path / "config.json").read_text()).get("architectures") or ["?"])[0]
-        note = f"perplexity: N/A: {architecture} is a {task} model; perplexity needs a causal LM's next-token head"
+        note = (
+            f"perplexity: N/A: {model_architecture(path)} is a {task} model; perplexity needs a causal LM's "
+            "next-token head"
+        )
         return {
             "model": r.model or "smollm2",
             "data": r.text_file or r.data,
